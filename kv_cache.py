@@ -1,0 +1,144 @@
+"""Sink + rolling-window KV cache for block-by-block video generation (DESIGN.md section 3).
+
+A block attends to the first `sink_frames` latent frames (kept forever) and to the
+`window_frames` most recent frames, itself included. Keys are stored *after* RoPE at their
+absolute frame positions, so an evicted frame never shifts the positions of the frames that stay.
+
+Storage, per layer, is [batch, tokens, heads, head_dim] in frame order:
+- `own`: the frames this batch writes (the ordered list `self.frames` says which absolute frame
+  sits in which slot; sink frames first). Eviction drops the oldest non-sink frames when a NEW
+  block begins and never between the denoising steps of a block: those steps and the context pass
+  overwrite the block's own slot in place.
+- `prefix` (optional): a frozen history shared by a group of G candidates (paper Eq. 3: the history
+  is generated once). It is a batch-1 view of another cache's storage, expanded (stride 0, no copy)
+  to the group when attended; each candidate appends its own clip blocks to its own `own` buffer.
+"""
+import torch
+
+
+class KVCache:
+    def __init__(self, layers, batch, capacity_frames, tokens_per_frame, heads, head_dim,
+                 sink_frames, window_frames, frames_per_block, dtype=torch.float32, device="cpu",
+                 prefix=None):
+        if window_frames < frames_per_block:
+            raise ValueError(f"window_frames={window_frames} is smaller than one block ({frames_per_block} frames)")
+        if not 0 <= sink_frames <= window_frames:
+            raise ValueError(f"sink_frames={sink_frames} must be in [0, window_frames={window_frames}]")
+        if capacity_frames < frames_per_block:
+            raise ValueError(f"capacity_frames={capacity_frames} cannot hold one block ({frames_per_block} frames)")
+        self.sink, self.window, self.tpf = sink_frames, window_frames, tokens_per_frame
+        shape = (batch, capacity_frames * tokens_per_frame, heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.frames = []         # absolute frame index of each own slot, in order
+        self.prefix = prefix     # None or (k, v, frames): per-layer [1, T, H, D] views of a frozen history
+        self.slot = None         # (first, last + 1) own slot of the block being processed
+        self.prefix_tokens = []  # (start, end) token ranges of the prefix the current block attends to
+
+    @property
+    def capacity(self):
+        return self.k[0].shape[1] // self.tpf
+
+    def end_frame(self):
+        """One past the last frame held (own frames after prefix frames); None when empty."""
+        last = self.frames or (self.prefix[2] if self.prefix else [])
+        return last[-1] + 1 if last else None
+
+    def _in_window(self, f, lo):
+        return f < self.sink or f >= lo
+
+    def begin_block(self, start, n):
+        """Position the cache for the block of frames [start, start + n).
+
+        A block already held (later denoising steps, the context pass, a prompt-switch re-cache)
+        reuses its slots; a new block must follow the last frame and first evicts what leaves the
+        window. Pure bookkeeping on Python ints: no device work, no host sync."""
+        lo = start + n - self.window  # oldest non-sink frame the block may see
+        if start in self.frames:
+            i = self.frames.index(start)
+            if self.frames[i:i + n] != list(range(start, start + n)):
+                raise ValueError(f"block [{start}, {start + n}) does not match the cached frames {self.frames}")
+        else:
+            if self.end_frame() not in (None, start):  # an empty cache may begin anywhere
+                raise ValueError(f"a new block must start at frame {self.end_frame()}, got {start}")
+            keep = [j for j, f in enumerate(self.frames) if self._in_window(f, lo)]
+            if len(keep) < len(self.frames):  # drop one contiguous run of old non-sink frames
+                first = next(j for j, f in enumerate(self.frames) if not self._in_window(f, lo))
+                drop = len(self.frames) - len(keep)
+                a, b, e = (x * self.tpf for x in (first, first + drop, len(self.frames)))
+                for buf in self.k + self.v:
+                    buf[:, a:e - (b - a)] = buf[:, b:e].clone()
+                self.frames = [self.frames[j] for j in keep]
+            if len(self.frames) + n > self.capacity:
+                raise ValueError(f"cache of {self.capacity} frames cannot take block [{start}, {start + n}) "
+                                 f"after frames {self.frames}")
+            i = len(self.frames)
+            self.frames += list(range(start, start + n))
+        self.slot = (i, i + n)
+        self.prefix_tokens = []
+        if self.prefix is not None:  # contiguous runs of attended prefix frames, as token ranges
+            for j, f in enumerate(self.prefix[2]):
+                if self._in_window(f, lo):
+                    if self.prefix_tokens and self.prefix_tokens[-1][1] == j * self.tpf:
+                        self.prefix_tokens[-1] = (self.prefix_tokens[-1][0], (j + 1) * self.tpf)
+                    else:
+                        self.prefix_tokens.append((j * self.tpf, (j + 1) * self.tpf))
+
+    def attend(self, layer, k, v, store):
+        """Keys/values the current block attends to, given its own k, v [B, tokens, H, D].
+
+        store=True writes k, v into the block's slot (rollout); the result is then a view of the
+        storage, with no copy when there is no prefix. store=False leaves the cache untouched and
+        appends k, v (the training forward: noisy queries with gradients, clean cached context)."""
+        a, b = (x * self.tpf for x in self.slot)
+        if k.shape[1] != b - a:
+            raise ValueError(f"block has {k.shape[1]} tokens, cache slot holds {b - a}")
+        if store:
+            self.k[layer][:, a:b] = k
+            self.v[layer][:, a:b] = v
+            ks, vs = self.k[layer][:, :b], self.v[layer][:, :b]
+        else:
+            ks = torch.cat([self.k[layer][:, :a], k], dim=1)
+            vs = torch.cat([self.v[layer][:, :a], v], dim=1)
+        if self.prefix_tokens:
+            pk, pv, _ = self.prefix
+            B = ks.shape[0]
+            ks = torch.cat([pk[layer][:, s:e].expand(B, -1, -1, -1) for s, e in self.prefix_tokens] + [ks], dim=1)
+            vs = torch.cat([pv[layer][:, s:e].expand(B, -1, -1, -1) for s, e in self.prefix_tokens] + [vs], dim=1)
+        return ks, vs
+
+    def fork(self, batch, capacity_frames, frames_per_block):
+        """Freeze this (batch-1) cache as the shared prefix of a group of `batch` candidates.
+
+        The prefix is a view of this cache's storage: zero copy, whatever the group size."""
+        if self.k[0].shape[0] != 1:
+            raise ValueError(f"only a batch-1 history can be shared, this cache has batch {self.k[0].shape[0]}")
+        n = len(self.frames) * self.tpf
+        _, _, H, D = self.k[0].shape
+        return KVCache(len(self.k), batch, capacity_frames, self.tpf, H, D, self.sink, self.window,
+                       frames_per_block, self.k[0].dtype, self.k[0].device,
+                       prefix=([k[:, :n] for k in self.k], [v[:, :n] for v in self.v], list(self.frames)))
+
+    def select(self, start, length):
+        """Candidates [start, start + length) as a cache sharing this one's storage (a view)."""
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.k = [k[start:start + length] for k in self.k]
+        out.v = [v[start:start + length] for v in self.v]
+        out.frames = list(self.frames)
+        return out
+
+    def detach_(self):
+        self.k, self.v = [k.detach() for k in self.k], [v.detach() for v in self.v]
+        if self.prefix is not None:
+            pk, pv, frames = self.prefix
+            self.prefix = ([k.detach() for k in pk], [v.detach() for v in pv], frames)
+        return self
+
+    def reset(self):
+        self.frames, self.prefix, self.slot, self.prefix_tokens = [], None, None, []
+
+    def bytes_in_use(self):
+        """Bytes of K/V held for this batch's own frames (a shared prefix is not counted)."""
+        per_frame = 2 * len(self.k) * self.k[0][:, :self.tpf].numel() * self.k[0].element_size()
+        return len(self.frames) * per_frame

@@ -1,0 +1,324 @@
+"""Causal Wan2.1 generator: diffusers' WanTransformer3DModel run block by block with a KV cache.
+
+We reuse every submodule and weight of diffusers' model and re-run its block forward with what a
+streaming generator needs (DESIGN.md section 3): absolute RoPE frame positions (so cached keys keep
+the position they were generated at), self-attention that reads and writes a sink + window cache
+(kv_cache.py), cross-attention K/V computed once per prompt, and one timestep per call.
+Also here: the warped 4-step schedule, umT5 text encoding, VAE decoding, checkpoint loaders
+(diffusers folders and the original-Wan layout shipped by Self-Forcing, Causal-Forcing and
+LongLive), and the `tiny` configuration the tests and the CPU demo run on.
+"""
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+# ---------------------------------------------------------------------------------------------
+# Few-step schedule (Self-Forcing convention): steps [1000, 750, 500, 250] warped by shift 5,
+# sigma' = 5 s / (1 + 4 s), give timesteps [1000, 937.5, 833.33, 625]. Velocity v = noise - x0.
+
+def warp(sigma, shift=5.0):
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+SIGMAS = [warp(s) for s in (1.0, 0.75, 0.5, 0.25)]  # [1.0, 0.9375, 0.8333, 0.625]
+
+
+def to_x0(x_t, v, sigma):
+    """x0 = x_t - sigma v, in fp32 (sigma: float or [B] tensor)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device).reshape(-1, *[1] * (x_t.ndim - 1))
+    return x_t.float() - sigma * v.float()
+
+
+def add_noise(x0, noise, sigma):
+    """x_t = (1 - sigma) x0 + sigma noise (the rectified-flow forward process)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1))
+    return (1 - sigma) * x0.float() + sigma * noise.float()
+
+
+# ---------------------------------------------------------------------------------------------
+class CausalWan(torch.nn.Module):
+    def __init__(self, transformer: WanTransformer3DModel):
+        super().__init__()
+        self.transformer = transformer
+        cfg = transformer.config
+        self.heads, self.patch = cfg.num_attention_heads, tuple(cfg.patch_size)
+        self.max_frames = cfg.rope_max_seq_len
+        self.gradient_checkpointing = False
+        # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
+        d = cfg.attention_head_dim
+        hw = 2 * (d // 6)
+        pos = torch.arange(self.max_frames, dtype=torch.float64)
+        tables = [torch.polar(torch.ones(self.max_frames, n // 2, dtype=torch.float64),
+                              torch.outer(pos, 1.0 / 10000.0 ** (torch.arange(0, n, 2, dtype=torch.float64) / n)))
+                  for n in (d - 2 * hw, hw, hw)]
+        for name, t in zip(("rope_t", "rope_h", "rope_w"), tables):
+            self.register_buffer(name, t.to(torch.complex64), persistent=False)
+
+    def rope(self, start, f, h, w):
+        if start < 0 or start + f > self.max_frames:
+            raise ValueError(f"frames [{start}, {start + f}) are past the {self.max_frames}-position RoPE table")
+        t = self.rope_t[start:start + f].view(f, 1, 1, -1).expand(f, h, w, -1)
+        hh = self.rope_h[:h].view(1, h, 1, -1).expand(f, h, w, -1)
+        ww = self.rope_w[:w].view(1, 1, w, -1).expand(f, h, w, -1)
+        return torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, 1, -1)
+
+    @staticmethod
+    def _rotate(x, freqs):
+        return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2).type_as(x)
+
+    def text_kv(self, text):
+        """Cross-attention K/V of every layer for umT5 embeddings [B, L, text_dim]: once per prompt."""
+        ce = self.transformer.condition_embedder
+        ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
+        return [(self._heads(b.attn2.norm_k(b.attn2.to_k(ctx))), self._heads(b.attn2.to_v(ctx)))
+                for b in self.transformer.blocks]
+
+    def _heads(self, t):
+        return t.unflatten(2, (self.heads, -1))
+
+    def _attend(self, attn, q, k, v):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
+        return attn.to_out[0](o.transpose(1, 2).flatten(2))
+
+    def _block(self, i, blk, x, e, freqs, text_kv, cache, store):
+        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e.float()).chunk(6, dim=1)
+        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
+        a = blk.attn1
+        h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        q = self._rotate(self._heads(a.norm_q(a.to_q(h))), freqs)
+        k = self._rotate(self._heads(a.norm_k(a.to_k(h))), freqs)
+        v = self._heads(a.to_v(h))
+        if cache is not None:
+            k, v = cache.attend(i, k, v, store)
+        x = (x.float() + self._attend(a, q, k, v) * gate).type_as(x)
+        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
+        c = blk.attn2
+        h = blk.norm2(x.float()).type_as(x)
+        x = x + self._attend(c, self._heads(c.norm_q(c.to_q(h))), *text_kv[i])
+        # 3. feed-forward
+        h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
+
+    def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
+        """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
+
+        timestep: float or [B] on the 0..1000 scale, shared by all frames of the call.
+        cache: a KVCache positioned with begin_block(start_frame, F), or None (x attends to itself).
+        store: write this call's K/V into the cache (rollout) or only read it (training)."""
+        tr = self.transformer
+        if x.ndim != 5 or x.shape[1] != tr.config.in_channels:
+            raise ValueError(f"latents must be [B, {tr.config.in_channels}, F, H, W], got {tuple(x.shape)}")
+        B, _, f, H, W = x.shape
+        pt, ph, pw = self.patch
+        if f % pt or H % ph or W % pw:
+            raise ValueError(f"latent shape {tuple(x.shape)} is not divisible by the patch {self.patch}")
+        if len(text_kv) != len(tr.blocks) or text_kv[0][0].shape[0] not in (1, B):
+            raise ValueError(f"text_kv must hold {len(tr.blocks)} layers of batch 1 or {B}")
+        f, h, w = f // pt, H // ph, W // pw
+        freqs = self.rope(start_frame, f, h, w)
+        text_kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in text_kv]
+
+        ce = tr.condition_embedder
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+        dtype = tr.patch_embedding.weight.dtype
+        temb = ce.time_embedder(ce.timesteps_proj(t).to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
+        e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+
+        z = tr.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        for i, blk in enumerate(tr.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, store, use_reentrant=False)
+            else:
+                z = self._block(i, blk, z, e, freqs, text_kv, cache, store)
+
+        shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
+        z = z.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return z.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+class TextEncoder:
+    """umT5 prompt embeddings as Wan uses them: padded to max_length, padding rows zeroed."""
+
+    def __init__(self, tokenizer, encoder: UMT5EncoderModel, max_length=512):
+        self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"prompts must be a list of non-empty strings, got {prompts!r}")
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        dev = self.encoder.device
+        mask = tok.attention_mask.to(dev)
+        out = self.encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKLWan, latents):
+    """Latents [B, C, F, h, w] -> frames [B, 1 + 4 (F - 1), 3, H, W] in [0, 1] (the reward format)."""
+    cfg = vae.config
+    shape = (1, cfg.z_dim, 1, 1, 1)
+    mean = torch.tensor(cfg.latents_mean, device=latents.device).view(shape)
+    std = torch.tensor(cfg.latents_std, device=latents.device).view(shape)
+    video = vae.decode((latents.float() * std + mean).to(vae.dtype)).sample  # [B, 3, T, H, W] in [-1, 1]
+    return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+
+
+@dataclass
+class Wan:
+    """Everything that turns prompts into pixels: generator, text encoder, VAE, default size."""
+    model: CausalWan
+    text_encoder: TextEncoder
+    vae: AutoencoderKLWan
+    height: int = 480
+    width: int = 832
+
+    def latent_shape(self, frames):
+        return (self.model.transformer.config.in_channels, frames, self.height // 8, self.width // 8)
+
+    def to(self, device, dtype=None):
+        self.model.to(device)
+        self.text_encoder.encoder.to(device)
+        self.vae.to(device)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny configuration: same architecture, toy sizes, seeded random weights, no files needed.
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
+                        out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+TINY_UMT5 = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True])
+
+
+def load_tiny(seed=0, text_len=32):
+    """A tiny, seeded Wan: 2 layers of width 32, 64x64 pixels (8x8 latents, 16 tokens a frame)."""
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
+    encoder = UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
+    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    return Wan(CausalWan(transformer).eval(), TextEncoder(ByT5Tokenizer(), encoder, text_len), vae, 64, 64)
+
+
+def load_diffusers(path, dtype=torch.bfloat16, transformer=None):
+    """Wan2.1-T2V in diffusers layout (e.g. Wan2.1-T2V-1.3B-Diffusers): transformer, umT5, VAE."""
+    from transformers import AutoTokenizer
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no diffusers model folder at {path}")
+    transformer = transformer or WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval()
+    return Wan(CausalWan(transformer).eval(), TextEncoder(tokenizer, encoder, 512), vae)
+
+
+# ---------------------------------------------------------------------------------------------
+# Original-Wan layout -> diffusers names (DESIGN.md section 3; the Wan 2.1 repo's model.py names).
+_RENAMES = [
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"\.self_attn\.", ".attn1."), (r"\.cross_attn\.", ".attn2."),
+    (r"\.(attn[12])\.([qkv])\.", r".\1.to_\2."), (r"\.(attn[12])\.o\.", r".\1.to_out.0."),
+    (r"\.ffn\.0\.", ".ffn.net.0.proj."), (r"\.ffn\.2\.", ".ffn.net.2."),
+    (r"^(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"\.norm3\.", ".norm2."),  # original: norm3 = cross-attention norm (diffusers norm2)
+    (r"^head\.head\.", "proj_out."), (r"^head\.modulation$", "scale_shift_table"),
+]
+
+
+def wan_to_diffusers(key):
+    """One original-layout key (prefixes `model.`, `_fsdp_wrapped_module.`, `base_model.model.` allowed)."""
+    key = key.replace("_fsdp_wrapped_module.", "")
+    key = re.sub(r"^(base_model\.model\.|model\.)", "", key)
+    if not key.startswith(("blocks.", "patch_embedding.", "text_embedding.", "time_embedding.",
+                           "time_projection.", "head.")):
+        raise KeyError(f"not an original-Wan key: {key!r}")
+    for pattern, repl in _RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def read_checkpoint(path, key=None):
+    """A state dict from .safetensors or .pt (weights_only: a checkpoint cannot run code).
+
+    Self-Forcing / Causal-Forcing / LongLive files keep the generator under `generator_ema` or
+    `generator`, LongLive's LoRA under `generator_lora`; `key` picks one, else the first present."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    nested = [k for k in ("generator_ema", "generator", "generator_lora", "state_dict") if k in sd]
+    if key is not None:
+        if key not in sd:
+            raise KeyError(f"{path} has no entry {key!r}; top-level keys: {sorted(sd)[:10]}")
+        return sd[key]
+    return sd[nested[0]] if nested else sd
+
+
+def load_wan_state_dict(transformer, sd, source="state dict"):
+    """Load an original-layout (or diffusers-layout) state dict strictly, naming any key mismatch."""
+    if not any(k.startswith("condition_embedder.") for k in sd):  # not already in diffusers names
+        try:
+            sd = {wan_to_diffusers(k): v for k, v in sd.items()}
+        except KeyError as err:
+            raise ValueError(f"unknown checkpoint layout in {source}: {err.args[0]}") from None
+    missing, unexpected = transformer.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the Wan transformer: missing keys {missing[:20]}, "
+                         f"unexpected keys {unexpected[:20]}")
+    return transformer
+
+
+@torch.no_grad()
+def merge_lora(transformer, sd, alpha=None, source="LoRA"):
+    """Fold a PEFT LoRA (LongLive's `generator_lora`) into the base weights: W += alpha/r B A."""
+    pairs = {}
+    for k, v in sd.items():
+        m = re.match(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight$", k)
+        if not m:
+            raise ValueError(f"{source}: not a LoRA key: {k!r}")
+        pairs.setdefault(wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")], {})[m.group(2)] = v
+    modules = dict(transformer.named_modules())
+    for name, ab in pairs.items():
+        if name not in modules or set(ab) != {"A", "B"}:
+            raise ValueError(f"{source}: {name!r} is not a Linear of the transformer or lacks lora_A/lora_B")
+        A, B = ab["A"].float(), ab["B"].float()
+        weight = modules[name].weight
+        scale = (alpha or A.shape[0]) / A.shape[0]
+        weight.copy_((weight.float() + scale * B.to(weight.device) @ A.to(weight.device)).to(weight.dtype))
+    return transformer
+
+
+def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
+    """The generator a user asks for: tiny (model=None), a diffusers folder, optionally with an
+    original-layout checkpoint (Self-Forcing, Causal-Forcing, LongLive base) and a LongLive LoRA."""
+    if model is None:
+        if checkpoint or lora:
+            raise ValueError("a checkpoint or LoRA needs --model, the diffusers Wan2.1 folder it builds on")
+        return load_tiny()
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"no diffusers model folder at {model}")
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
+    if checkpoint:
+        load_wan_state_dict(transformer, read_checkpoint(checkpoint, checkpoint_key), checkpoint)
+    if lora:
+        merge_lora(transformer, read_checkpoint(lora), lora_alpha, lora)
+    return load_diffusers(model, dtype, transformer)

@@ -1,0 +1,124 @@
+"""Few-step autoregressive sampling and the shared-prefix group rollout (paper Eq. 3).
+
+Per block of `frames_per_block` latent frames (Self-Forcing convention, DESIGN.md section 3):
+4 denoising steps at the warped sigmas, re-noising x0 with fresh noise between steps, then one
+"context pass" of the clean x0 at t = 0 whose K/V overwrite the block's slot in the cache.
+
+Noise is an explicit tensor [B, steps, C, F, h, w]: noise[:, 0] starts each block, noise[:, k]
+re-noises before step k. Drawing it per sample up front makes a rollout a pure function of its
+noise, so outputs do not depend on the micro-batch size.
+"""
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from kv_cache import KVCache
+from model import SIGMAS, add_noise, to_x0
+
+
+def draw_noise(seed, batch, latent_shape, device="cpu"):
+    """Seeded noise [batch, steps, C, F, h, w], drawn on the CPU so every device agrees."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, len(SIGMAS), *latent_shape), generator=g).to(device)
+
+
+def new_cache(model, batch, latent_shape, sink_frames, window_frames, frames_per_block, dtype=None):
+    _, _, h, w = latent_shape
+    cfg = model.transformer.config
+    p = model.patch
+    return KVCache(cfg.num_layers, batch, sink_frames + window_frames, (h // p[1]) * (w // p[2]),
+                   cfg.num_attention_heads, cfg.attention_head_dim, sink_frames, window_frames, frames_per_block,
+                   dtype or model.transformer.patch_embedding.weight.dtype, model.transformer.device)
+
+
+@torch.no_grad()
+def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, switches=(), latents=None,
+             progress=False):
+    """Generate noise.shape[3] latent frames from `start_frame` on, block by block, into `cache`.
+
+    switches: [(frame, text_kv)]: from that frame on use the new prompt; at the switch the text
+    K/V change and the frames of the last window are re-run at t = 0 with the new prompt to
+    rewrite their cached K/V (LongLive's KV re-cache). `latents` holds earlier frames
+    [B, C, start_frame, h, w] when the re-cache reaches back before this call.
+    Returns clean latents [B, C, F, h, w] in fp32."""
+    B, S, C, F, h, w = noise.shape
+    n = frames_per_block
+    if F % n:
+        raise ValueError(f"{F} latent frames is not a whole number of {n}-frame blocks")
+    dtype = model.transformer.patch_embedding.weight.dtype
+    out = torch.empty(B, C, F, h, w, dtype=torch.float32, device=noise.device)
+    switches = dict(switches)
+    for b in tqdm(range(F // n), desc="blocks", disable=not progress, leave=False):
+        s = start_frame + b * n
+        if s in switches:
+            text_kv = switches[s]
+            done = out[:, :, :b * n] if latents is None else torch.cat([latents.float(), out[:, :, :b * n]], 2)
+            recache(model, text_kv, cache, done, start_frame - (0 if latents is None else latents.shape[2]), s, n)
+        cache.begin_block(s, n)
+        x = noise[:, 0, :, b * n:(b + 1) * n]
+        for k, sigma in enumerate(SIGMAS):
+            v = model(x.to(dtype), sigma * 1000, text_kv, cache, s, store=True)
+            x0 = to_x0(x, v, sigma)
+            if k + 1 < len(SIGMAS):
+                x = add_noise(x0, noise[:, k + 1, :, b * n:(b + 1) * n], SIGMAS[k + 1])
+        model(x0.to(dtype), 0.0, text_kv, cache, s, store=True)  # context pass: clean K/V into the cache
+        out[:, :, b * n:(b + 1) * n] = x0
+    return out
+
+
+def recache(model, text_kv, cache, latents, first_frame, switch_frame, n):
+    """Re-run the held blocks of the last window before `switch_frame` at t = 0 with the new prompt."""
+    dtype = model.transformer.patch_embedding.weight.dtype
+    held = set(cache.frames)
+    for s in range(switch_frame - n, max(switch_frame - cache.window, 0) - 1, -n)[::-1]:
+        if s >= first_frame and all(f in held for f in range(s, s + n)):
+            cache.begin_block(s, n)
+            model(latents[:, :, s - first_frame:s - first_frame + n].to(dtype), 0.0, text_kv, cache, s, store=True)
+
+
+@dataclass
+class Group:
+    """One prompt's group: detached history, G candidate clips and the K/V the training forward needs."""
+    history: torch.Tensor  # [1, C, s, h, w] clean latents of the shared history
+    clips: torch.Tensor    # [G, C, clip_frames, h, w] clean x0 of each candidate
+    cache: KVCache         # prefix = history K/V (shared view); own = each candidate's clean clip K/V
+    start: int             # clip start frame s
+
+
+@torch.no_grad()
+def group_rollout(model, text_kv, history_noise, clip_noise, sink_frames, window_frames, frames_per_block=3,
+                  micro_batch=None):
+    """Paper Eq. 3: generate the history once, freeze its cache as a shared prefix, then decode the
+    G candidate clips of clip_noise [G, steps, C, clip_frames, h, w] from it in micro-batches."""
+    G, _, C, clip_frames, h, w = clip_noise.shape
+    s = history_noise.shape[3]
+    if history_noise.shape[0] != 1:
+        raise ValueError(f"history noise must have batch 1, got {tuple(history_noise.shape)}")
+    if s % frames_per_block or clip_frames % frames_per_block:
+        raise ValueError(f"history ({s}) and clip ({clip_frames}) must be whole {frames_per_block}-frame blocks")
+    if clip_frames > window_frames:
+        raise ValueError(f"clip_frames={clip_frames} exceeds window_frames={window_frames}: the clip's own "
+                         f"blocks would leave the window it is trained in")
+    latent_shape = (C, s, h, w)
+    history_cache = new_cache(model, 1, latent_shape, sink_frames, window_frames, frames_per_block)
+    history = generate(model, text_kv, history_noise, history_cache, 0, frames_per_block)
+    cache = history_cache.fork(G, clip_frames, frames_per_block)
+    clips = torch.empty(G, C, clip_frames, h, w, device=clip_noise.device)
+    m = micro_batch or G
+    for i in range(0, G, m):
+        clips[i:i + m] = generate(model, text_kv, clip_noise[i:i + m], cache.select(i, m), s, frames_per_block)
+    return Group(history, clips, cache.detach_(), s)
+
+
+def clip_velocity(model, x_t, sigma, text_kv, cache, start, frames_per_block=3):
+    """The training forward in exactly the rollout's attention layout: each noisy block of the clip
+    attends to the detached history prefix, to the candidate's clean K/V of its earlier clip blocks
+    (both read from `cache`, never written) and to itself. x_t [m, C, clip_frames, h, w]; sigma [m]."""
+    n = frames_per_block
+    dtype = model.transformer.patch_embedding.weight.dtype
+    out = []
+    for b in range(x_t.shape[2] // n):
+        cache.begin_block(start + b * n, n)
+        out.append(model(x_t[:, :, b * n:(b + 1) * n].to(dtype), sigma * 1000, text_kv, cache, start + b * n))
+    return torch.cat(out, dim=2)
