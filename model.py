@@ -302,9 +302,38 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
             raise ValueError(f"{source}: {name!r} is not a Linear of the transformer or lacks lora_A/lora_B")
         A, B = ab["A"].float(), ab["B"].float()
         weight = modules[name].weight
+        if (B.shape[0], A.shape[1]) != tuple(weight.shape):
+            raise ValueError(f"{source}: LoRA for {name!r} is {B.shape[0]}x{A.shape[1]}, the weight is "
+                             f"{tuple(weight.shape)} (a checkpoint of another model size?)")
         scale = (alpha or A.shape[0]) / A.shape[0]
         weight.copy_((weight.float() + scale * B.to(weight.device) @ A.to(weight.device)).to(weight.dtype))
     return transformer
+
+
+def load_trained(transformer, path):
+    """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights."""
+    import json
+    from safetensors.torch import load_file
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            alpha = json.load(f)["lora_alpha"]
+        return merge_lora(transformer, load_file(os.path.join(path, "adapter_model.safetensors")), alpha, path)
+    if os.path.isfile(os.path.join(path, "transformer.safetensors")):
+        return load_wan_state_dict(transformer, load_file(os.path.join(path, "transformer.safetensors")), path)
+    raise FileNotFoundError(f"{path} holds neither adapter_config.json nor transformer.safetensors")
+
+
+def save_video(frames, path, fps=16):
+    """frames [F, 3, H, W] in [0, 1] -> mp4, written to a temporary name and renamed (never half-written)."""
+    import imageio
+    arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        imageio.mimwrite(tmp, arr, fps=fps, format="FFMPEG", macro_block_size=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):

@@ -302,3 +302,92 @@ def test_bad_input_is_rejected_before_compute(wan):
         cache.begin_block(6, 3)
     with pytest.raises(ValueError, match="non-empty strings"):
         wan.text_encoder([""])
+
+
+# ------------------------------------------------------------------ rollout (issue 3)
+def test_group_candidate_equals_independent_rollout(wan):
+    """Candidate i == regenerating the same history from scratch, then candidate i's noise."""
+    m, kv = wan.model, text_kv(wan)
+    hist_noise, clip_noise = draw_noise(20, 1, (16, 6, 8, 8)), draw_noise(21, 3, (16, 6, 8, 8))
+    g = group_rollout(m, kv, hist_noise, clip_noise, sink_frames=3, window_frames=6, micro_batch=2)
+    for i in range(3):
+        cache = new_cache(m, 1, (16, 12, 8, 8), 3, 6, N)
+        full = generate(m, kv, torch.cat([hist_noise, clip_noise[i:i + 1]], dim=3), cache)
+        torch.testing.assert_close(g.history, full[:, :, :6], atol=1e-5, rtol=0)
+        torch.testing.assert_close(g.clips[i:i + 1], full[:, :, 6:], atol=1e-5, rtol=0)
+
+
+def test_same_seed_any_micro_batch_gives_identical_outputs(wan):
+    m, kv = wan.model, text_kv(wan)
+    hist_noise, clip_noise = draw_noise(30, 1, (16, 3, 8, 8)), draw_noise(31, 4, (16, 6, 8, 8))
+    a = group_rollout(m, kv, hist_noise, clip_noise, 3, 9, micro_batch=1).clips
+    b = group_rollout(m, kv, hist_noise, clip_noise, 3, 9, micro_batch=4).clips
+    c = group_rollout(m, kv, draw_noise(30, 1, (16, 3, 8, 8)), draw_noise(31, 4, (16, 6, 8, 8)), 3, 9, micro_batch=3).clips
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+    assert not torch.allclose(a[0], a[1])  # different candidates really differ
+
+
+def test_long_rollout_keeps_cache_bytes_constant(wan):
+    m, kv = wan.model, text_kv(wan)
+    noise = draw_noise(40, 1, (16, 24, 8, 8))
+    cache = new_cache(m, 1, (16, 24, 8, 8), 3, 6, N)
+    used, out = [], []
+    for b in range(8):  # one block per call == one long call (the noise is sliced the same way)
+        out.append(generate(m, kv, noise[:, :, :, b * N:(b + 1) * N], cache, start_frame=b * N))
+        used.append(cache.bytes_in_use())
+    assert used[1] < used[2] and len(set(used[2:])) == 1  # full at sink 3 + window 6 = 9 frames
+    short = generate(m, kv, noise[:, :, :, :9], new_cache(m, 1, (16, 9, 8, 8), 3, 6, N))
+    torch.testing.assert_close(torch.cat(out[:3], 2), short, atol=1e-5, rtol=0)
+    one_call = generate(m, kv, noise, new_cache(m, 1, (16, 24, 8, 8), 3, 6, N))
+    torch.testing.assert_close(torch.cat(out, 2), one_call, atol=1e-5, rtol=0)
+
+
+def test_prompt_switch_recaches_the_window(wan):
+    m = wan.model
+    kv_a, kv_b = text_kv(wan, "a quiet snowy forest"), text_kv(wan, "a busy neon city street")
+    noise = draw_noise(50, 1, (16, 9, 8, 8))
+    cache = new_cache(m, 1, (16, 9, 8, 8), 0, 6, N)
+    first = generate(m, kv_a, noise[:, :, :, :6], cache)
+    before = [k[:, :6 * 16].clone() for k in cache.k]
+    rest = generate(m, kv_a, noise[:, :, :, 6:], cache, start_frame=6, switches=[(6, kv_b)], latents=first)
+    # reference: the context passes of frames 0-5 re-run from scratch with prompt B
+    ref = new_cache(m, 1, (16, 6, 8, 8), 0, 6, N)
+    with torch.no_grad():
+        for s in (0, 3):
+            ref.begin_block(s, N)
+            m(first[:, :, s:s + N], 0.0, kv_b, ref, s, store=True)
+    # window 6 before frame 6 holds frames 0-5; block 6-8 evicted 0-2, so 3-5 sit in slots 0-2
+    assert cache.frames == [3, 4, 5, 6, 7, 8]
+    for layer, (k, r, b) in enumerate(zip(cache.k, ref.k, before)):
+        torch.testing.assert_close(k[:, :3 * 16], r[:, 3 * 16:6 * 16], atol=1e-5, rtol=0)
+        # layer-0 keys precede any cross-attention; deeper layers carry the new prompt
+        assert torch.allclose(k[:, :3 * 16], b[:, 3 * 16:6 * 16], atol=1e-3) == (layer == 0)
+    no_switch = generate(m, kv_a, noise, new_cache(m, 1, (16, 9, 8, 8), 0, 6, N))
+    torch.testing.assert_close(no_switch[:, :, :6], first, atol=1e-5, rtol=0)  # before the switch: unchanged
+    assert not torch.allclose(no_switch[:, :, 6:], rest, atol=1e-3)  # after: the new prompt shows
+
+
+def test_sample_writes_a_decodable_mp4(tmp_path):
+    import imageio
+    import sample
+    out = tmp_path / "fox.mp4"
+    sample.main(["--prompt", "a fox|a fox runs", "--switch", "3", "--frames", "6", "--out", str(out), "--device", "cpu"])
+    frames = imageio.mimread(str(out))
+    assert len(frames) == 1 + 4 * (6 - 1) and frames[0].shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", " "], "empty prompt"),
+    (["--prompt", "a", "--frames", "7"], "whole number"),
+    (["--prompt", "a|b", "--switch", "21", "--frames", "9"], "increasing block starts"),
+    (["--prompt", "a|b|c", "--switch", "6,3", "--frames", "9"], "increasing block starts"),
+    (["--prompt", "a|b"], "need 1 --switch"),
+    (["--prompt", "a", "--out", "/nonexistent/dir/x.mp4"], "cannot write"),
+])
+def test_sample_rejects_bad_input_before_generating(tmp_path, args, msg):
+    import sample
+    args = args if "--out" in args else args + ["--out", str(tmp_path / "v.mp4")]
+    with pytest.raises(SystemExit, match=msg):
+        sample.main(args)
+    assert list(tmp_path.iterdir()) == []  # nothing written

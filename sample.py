@@ -1,0 +1,76 @@
+"""Sample a video: python sample.py --prompt "a red fox runs through snow" --frames 21 --out fox.mp4
+
+Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames).
+With no --model it uses the tiny built-in model (random weights: the video is noise, the code path
+is the real one). See README.md for real checkpoints.
+"""
+import argparse
+import os
+import time
+
+import torch
+
+import model as M
+from rollout import draw_noise, generate, new_cache
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--prompt", required=True, help="a prompt, or several separated by '|' (then give --switch)")
+p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts")
+p.add_argument("--model", default=None, help="diffusers Wan2.1-T2V folder (default: the tiny built-in model)")
+p.add_argument("--checkpoint", default=None, help="original-layout generator: Self-Forcing, Causal-Forcing, LongLive base")
+p.add_argument("--checkpoint_key", default=None, help="entry of --checkpoint to use (generator_ema, generator)")
+p.add_argument("--base_lora", default=None, help="LongLive lora.pt, merged into the base")
+p.add_argument("--lora", default=None, help="a checkpoint folder written by train.py")
+p.add_argument("--frames", type=int, default=21, help="latent frames (pixel frames = 1 + 4 (frames - 1))")
+p.add_argument("--frames_per_block", type=int, default=3)
+p.add_argument("--sink", type=int, default=3, help="sink frames kept in the cache forever")
+p.add_argument("--window", type=int, default=21, help="most recent frames attended besides the sink")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--out", default="video.mp4")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_args(a):
+    """Every user error, before any weight is loaded or frame generated."""
+    prompts = a.prompt.split("|")
+    if any(not q.strip() for q in prompts):
+        raise SystemExit(f"error: empty prompt in --prompt {a.prompt!r}")
+    if a.frames <= 0 or a.frames % a.frames_per_block:
+        raise SystemExit(f"error: --frames {a.frames} is not a whole number of {a.frames_per_block}-frame blocks")
+    switches = [int(f) for f in a.switch.split(",") if f.strip()]
+    if len(switches) != len(prompts) - 1:
+        raise SystemExit(f"error: {len(prompts)} prompts need {len(prompts) - 1} --switch frames, got {switches}")
+    if switches != sorted(set(switches)) or any(not 0 < f < a.frames or f % a.frames_per_block for f in switches):
+        raise SystemExit(f"error: --switch {switches} must be increasing block starts inside (0, {a.frames})")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK) or os.path.isdir(a.out):
+        raise SystemExit(f"error: cannot write --out {a.out}")
+    return prompts, switches
+
+
+def main(argv=None):
+    a = p.parse_args(argv)
+    prompts, switches = check_args(a)
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+    if a.lora:
+        M.load_trained(wan.model.transformer, a.lora)
+    wan.to(a.device)
+    m = wan.model
+    kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
+    shape = wan.latent_shape(a.frames)
+    cache = new_cache(m, 1, shape, a.sink, a.window, a.frames_per_block)
+    t0 = time.perf_counter()
+    latents = generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), cache, 0, a.frames_per_block,
+                       switches=list(zip(switches, kvs[1:])), progress=True)
+    frames = M.decode(wan.vae, latents)[0]
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    M.save_video(frames, a.out)
+    print(f"wrote {a.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[3]} in {dt:.2f}s "
+          f"({frames.shape[0] / dt:.1f} FPS, decode included)")
+
+
+if __name__ == "__main__":
+    main()
