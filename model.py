@@ -29,15 +29,19 @@ def warp(sigma, shift=5.0):
 SIGMAS = [warp(s) for s in (1.0, 0.75, 0.5, 0.25)]  # [1.0, 0.9375, 0.8333, 0.625]
 
 
+def _per_sample(sigma, x):
+    """A float stays a float (no host-to-device copy in the sampling loop); a [B] tensor broadcasts."""
+    return sigma if isinstance(sigma, float) else sigma.float().reshape(-1, *[1] * (x.ndim - 1))
+
+
 def to_x0(x_t, v, sigma):
     """x0 = x_t - sigma v, in fp32 (sigma: float or [B] tensor)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device).reshape(-1, *[1] * (x_t.ndim - 1))
-    return x_t.float() - sigma * v.float()
+    return x_t.float() - _per_sample(sigma, x_t) * v.float()
 
 
 def add_noise(x0, noise, sigma):
     """x_t = (1 - sigma) x0 + sigma noise (the rectified-flow forward process)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1))
+    sigma = _per_sample(sigma, x0)
     return (1 - sigma) * x0.float() + sigma * noise.float()
 
 
@@ -125,7 +129,8 @@ class CausalWan(torch.nn.Module):
         text_kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in text_kv]
 
         ce = tr.condition_embedder
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
+        t = timestep.float().reshape(-1).expand(B) if torch.is_tensor(timestep) else \
+            torch.full((B,), float(timestep), device=x.device)  # a fill, not a host-to-device copy
         dtype = tr.patch_embedding.weight.dtype
         temb = ce.time_embedder(ce.timesteps_proj(t).to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
         e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
