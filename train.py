@@ -1,0 +1,490 @@
+"""Astrolabe RL trainer (paper Algorithm 1, Eq. 1-4) with Streaming Long Tuning.
+
+    python train.py                                   # tiny model, offline rewards, CPU demo (< 5 min)
+    torchrun --nproc_per_node 8 train.py --preset=self_forcing --steps=200
+    python train.py report out/log.jsonl              # reward curves -> PNG (needs matplotlib)
+
+Config: the Config dataclass below; a preset first, then any field as --key=value.
+Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import loss as L
+import model as M
+from rewards import DEFAULT_OFFLINE_SPEC, build_reward
+from rollout import SIGMAS, clip_velocity, draw_noise, generate, group_rollout, new_cache
+
+
+@dataclass
+class Config:
+    # generator (None: the tiny built-in model); see model.load
+    model: str = None
+    checkpoint: str = None
+    checkpoint_key: str = None
+    base_lora: str = None
+    # prompts, one per line
+    prompts: str = "prompts/train.txt"
+    eval_prompts: str = "prompts/eval.txt"
+    # streaming rollout (latent frames); video size in pixels (None: the generator's default)
+    height: int = None
+    width: int = None
+    frames_per_block: int = 3
+    sink_frames: int = 3
+    window_frames: int = 9
+    clip_frames: int = 6
+    max_history_frames: int = 6   # clip start s: random block multiple in [0, this] (Streaming Long Tuning)
+    clip_start: int = None        # or always this s
+    # RL
+    prompts_per_rank: int = 2
+    group_size: int = 8           # G candidates per prompt
+    micro_batch: int = 8          # candidates per rollout / training forward
+    beta: float = 1.0
+    a_max: float = 5.0
+    kl_weight: float = 1e-4
+    gamma: float = 0.9
+    tau_kl: float = 0.15
+    k_max: int = 15
+    rho: float = 0.1
+    reward: str = DEFAULT_OFFLINE_SPEC
+    hpsv3: str = None             # HPSv3.safetensors
+    hpsv3_tokenizer: str = None   # Qwen2-VL-7B-Instruct tokenizer folder (default: the Hub name)
+    videoalign: str = None        # VideoReward checkpoint folder
+    videoalign_base: str = None   # Qwen2-VL-2B-Instruct folder (VideoReward's LoRA form only)
+    # optimisation
+    lora_rank: int = 8            # 0: full fine-tuning (three copies; FSDP2 under torchrun)
+    lora_alpha: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    steps: int = 40
+    seed: int = 0
+    # output
+    out_dir: str = "out"
+    log_every: int = 1
+    eval_every: int = 10
+    eval_frames: int = 6
+    save_every: int = 20
+    resume: bool = False
+
+
+_PAPER = dict(window_frames=21, clip_frames=12, prompts_per_rank=1, group_size=24, micro_batch=3, lora_rank=256,
+              lora_alpha=256, lr=1e-5, gradient_checkpointing=True, steps=400, eval_every=50, eval_frames=21,
+              save_every=50, reward="hpsv3:1,videoalign_mq:1,videoalign_ta:1", hpsv3="checkpoints/HPSv3.safetensors",
+              videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
+              prompts="prompts/vidprom.txt")
+PRESETS = {
+    "tiny": {},
+    "self_forcing": dict(_PAPER, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",
+                         max_history_frames=9),
+    "causal_forcing": dict(_PAPER, checkpoint="checkpoints/causal_forcing.pt", max_history_frames=9),
+    "longlive": dict(_PAPER, checkpoint="checkpoints/longlive_base.pt", checkpoint_key="generator",
+                     base_lora="checkpoints/lora.pt", window_frames=15, max_history_frames=228),
+}
+
+
+def parse_config(argv):
+    """--preset=NAME first, then --key=value for any Config field; unknown names are errors."""
+    kv = {}
+    for a in argv:
+        if not a.startswith("--") or "=" not in a:
+            raise SystemExit(f"error: arguments are --key=value, got {a!r}")
+        k, v = a[2:].split("=", 1)
+        kv[k] = v
+    preset = kv.pop("preset", "tiny")
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = Config(**PRESETS[preset])
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for k, v in kv.items():
+        if k not in types:
+            raise SystemExit(f"error: unknown config key {k!r}; keys: {sorted(types)}")
+        t = types[k]
+        if v.lower() == "none":
+            val = None
+        elif t is bool:
+            val = v.lower() in ("1", "true", "yes")
+        else:
+            val = (str if t is str else t)(v)
+        setattr(cfg, k, val)
+    return cfg
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: prompt file {path} does not exist")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompt file {path} has no prompts")
+    return prompts
+
+
+def check_config(cfg):
+    n = cfg.frames_per_block
+    for k in ("clip_frames", "max_history_frames", "eval_frames", "clip_start"):
+        if (getattr(cfg, k) or 0) % n:
+            raise SystemExit(f"error: {k}={getattr(cfg, k)} is not a multiple of frames_per_block={n}")
+    if cfg.clip_frames > cfg.window_frames:
+        raise SystemExit(f"error: clip_frames={cfg.clip_frames} is longer than window_frames={cfg.window_frames} allows")
+    if cfg.group_size < 2:
+        raise SystemExit(f"error: group_size={cfg.group_size}: advantages need at least 2 candidates per prompt")
+    if cfg.micro_batch < 1:
+        raise SystemExit(f"error: micro_batch={cfg.micro_batch} must be at least 1")
+
+
+def seed_of(*xs):
+    """A 31-bit seed from ints (Python hashes int tuples the same in every process)."""
+    return hash(xs) & 0x7FFFFFFF
+
+
+def autocast(device):
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+class Policy:
+    """theta (trainable), theta_old (rollout policy, EMA of theta) and theta_ref (KL anchor) on one frozen
+    base: LoRA adapters `default`, `old`, `ref` (peft, r = alpha on every Linear of the transformer blocks),
+    or, with lora_rank=0, three full copies (FSDP2-sharded under torchrun)."""
+
+    NAMES = ("default", "old", "ref")
+
+    def __init__(self, cfg, wan, world):
+        from peft import LoraConfig
+        self.model, self.lora = wan.model, cfg.lora_rank > 0
+        tr = self.model.transformer
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        if self.lora:
+            tr.requires_grad_(False)
+            targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
+            self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
+            for name in self.NAMES:
+                tr.add_adapter(self.lora_config, adapter_name=name)
+            self.nets = dict.fromkeys(self.NAMES, self.model)
+        else:
+            import copy
+            self.nets = {"default": self.model, "old": copy.deepcopy(self.model), "ref": copy.deepcopy(self.model)}
+            for name, net in self.nets.items():
+                net.requires_grad_(name == "default")
+                if world > 1:  # FSDP2: parameters sharded at rest, gathered for each call
+                    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+                    fully_shard(net)
+                    register_fsdp_forward_method(net, "text_kv")
+        for name in ("old", "ref"):
+            L.copy_(self.params(name), self.params("default"))
+        self.net("default")
+
+    def named(self, name):
+        """(checkpoint key, tensor) of one policy, in a fixed order shared by the three."""
+        if not self.lora:
+            return list(self.nets[name].transformer.named_parameters())
+        tag = f".{name}.weight"
+        return [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
+
+    def params(self, name):
+        return [p for _, p in self.named(name)]
+
+    def net(self, name):
+        """The CausalWan computing policy `name` (switching the active LoRA adapter)."""
+        if self.lora:
+            self.model.transformer.set_adapter(name)
+            for n in self.NAMES:  # peft makes the active adapter trainable; only theta ever is
+                for p in self.params(n):
+                    p.requires_grad_(n == "default")
+        return self.nets[name]
+
+
+class ClipForward(torch.nn.Module):
+    """theta's training forward as one module call, so DDP sees one forward per backward."""
+
+    def __init__(self, model, frames_per_block):
+        super().__init__()
+        self.model, self.n = model, frames_per_block
+
+    def forward(self, text, x_t, sigma, cache, start):
+        return clip_velocity(self.model, x_t, sigma, self.model.text_kv(text), cache, start, self.n)
+
+
+def all_sum(*xs):
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def train_step(step, cfg, ctx):
+    """One step of Algorithm 1 on this rank (DESIGN.md section 4); returns the step's metrics."""
+    P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
+    times, t0 = {}, time.perf_counter()
+    # 1. clip start s, the same on every rank (drawn from the shared seed); s = 0 trains the first clip
+    shared = torch.Generator().manual_seed(seed_of(cfg.seed, step))
+    s = n * int(torch.randint(0, cfg.max_history_frames // n + 1, (1,), generator=shared))
+    s = s if cfg.clip_start is None else cfg.clip_start
+    order = torch.randperm(len(ctx.prompts), generator=shared).tolist()
+    prompts = [ctx.prompts[order[(ctx.rank * P + j) % len(order)]] for j in range(P)]
+    # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3)
+    old, groups = ctx.policy.net("old"), []
+    with torch.no_grad(), autocast(dev):
+        for j, prompt in enumerate(prompts):
+            text = ctx.wan.text_encoder([prompt])
+            hist = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 0), 1, ctx.wan.latent_shape(s), dev)
+            clip = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
+            groups.append((prompt, text, group_rollout(old, old.text_kv(text), hist, clip, cfg.sink_frames,
+                                                       cfg.window_frames, n, m)))
+    times["rollout"] = time.perf_counter() - t0
+    # 3. decode each candidate clip and score it
+    scores = []
+    for prompt, _, g in groups:
+        t1 = time.perf_counter()
+        frames = torch.cat([M.decode(ctx.wan.vae, g.clips[i:i + m]) for i in range(0, G, m)])
+        t2 = time.perf_counter()
+        scores.append(ctx.reward_fn(frames, [prompt] * G))
+        times["decode"] = times.get("decode", 0) + t2 - t1
+        times["reward"] = times.get("reward", 0) + time.perf_counter() - t2
+    rewards = {k: torch.cat([sc[k] for sc in scores]).to(dev) for k in scores[0]}
+    # 4. advantages (Eq. 4) and the uncertainty mask, both over the whole step on all ranks
+    A, r = L.advantages(rewards["composite"], G, cfg.a_max)
+    mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
+    # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
+    t3, N, n_masked = time.perf_counter(), P * G, int(mask.sum())
+    noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank, 2))
+    micro = [(j, i) for j in range(P) for i in range(0, G, m)]
+    policy_loss, kl_sum = 0.0, 0.0
+    for k, (j, i) in enumerate(micro):
+        _, text, g = groups[j]
+        b = min(m, G - i)
+        sl, cache, x0 = slice(j * G + i, j * G + i + b), g.cache.select(i, b), g.clips[i:i + b]
+        sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
+        x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
+        with torch.no_grad(), autocast(dev):
+            net = ctx.policy.net("old")
+            x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
+            x0_ref = None
+            if mask[sl].any():  # the reference forward runs only where the KL applies
+                net = ctx.policy.net("ref")
+                x0_ref = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
+        ctx.policy.net("default")
+        last = k == len(micro) - 1
+        with (ctx.train_net.no_sync() if hasattr(ctx.train_net, "no_sync") and not last else torch.enable_grad()):
+            with autocast(dev):
+                x0_theta = M.to_x0(x_t, ctx.train_net(text, x_t, sigma, cache, g.start), sigma)
+            loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=N)
+            if x0_ref is not None:
+                loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, n_masked)
+                kl_sum += float((x0_theta.detach() - x0_ref).square().flatten(1).mean(1)[mask[sl]].sum())
+            loss.backward()
+        policy_loss += float(loss.detach())
+    # 6-8. optimizer step, EMA of theta_old, dynamic reference
+    params = ctx.policy.params("default")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    ctx.opt.step()
+    ctx.opt.zero_grad(set_to_none=True)
+    L.ema_(ctx.policy.params("old"), params, cfg.gamma)
+    kl_total, masked_total, _ = all_sum(kl_sum, n_masked, 0)
+    kl = kl_total / max(masked_total, 1)
+    reset = ctx.ctrl.should_reset_reference(kl)
+    if reset:
+        L.copy_(ctx.policy.params("ref"), params)
+    times["backward"] = time.perf_counter() - t3
+    sums = all_sum(*(float(v.sum()) for v in rewards.values()), float(rewards["composite"].square().sum()),
+                   float(A.abs().sum()), float((A.abs() >= cfg.a_max).sum()), N, policy_loss)
+    count = sums[-2]
+    means = {f"reward/{k}": v / count for k, v in zip(rewards, sums)}
+    comp = means["reward/composite"]
+    return dict(step=step, clip_start=s, **means, composite_std=max(sums[len(rewards)] / count - comp ** 2, 0) ** 0.5,
+                adv_abs_mean=sums[len(rewards) + 1] / count, adv_clipped=sums[len(rewards) + 2] / count,
+                policy_loss=sums[-1] / ctx.world, kl=kl, masked=masked_total / count, rho=ctx.ctrl.rho,
+                tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm,
+                step_time=time.perf_counter() - t0, **{f"time/{k}": v for k, v in times.items()},
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0)
+
+
+@torch.no_grad()
+def evaluate(step, cfg, ctx):
+    """theta on the held-out prompts, fixed noise: mean rewards; mp4s of this rank's prompts."""
+    net, n = ctx.policy.net("default"), cfg.frames_per_block
+    shape, totals = ctx.wan.latent_shape(cfg.eval_frames), {}
+    os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
+    for i in range(ctx.rank, len(ctx.eval_prompts), ctx.world):
+        prompt = ctx.eval_prompts[i]
+        with autocast(ctx.device):
+            cache = new_cache(net, 1, shape, cfg.sink_frames, cfg.window_frames, n)
+            latents = generate(net, net.text_kv(ctx.wan.text_encoder([prompt])),
+                               draw_noise(seed_of(cfg.seed, i), 1, shape, ctx.device), cache, 0, n)
+        frames = M.decode(ctx.wan.vae, latents)
+        for k, v in ctx.reward_fn(frames, [prompt]).items():
+            totals[k] = totals.get(k, 0.0) + float(v.sum())
+        M.save_video(frames[0], os.path.join(cfg.out_dir, "samples", f"step{step:05d}_prompt{i}.mp4"))
+    keys = ["composite"] + list(ctx.reward_fn.names)
+    sums = all_sum(*(totals.get(k, 0.0) for k in keys))
+    return {f"eval/{k}": v / len(ctx.eval_prompts) for k, v in zip(keys, sums)}
+
+
+def _full(t):
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+
+
+def save_checkpoint(step, cfg, ctx):
+    """Atomic: written under a temporary name, renamed, then `latest` is switched (also atomically).
+    A crash at any point leaves the previous checkpoint whole and `latest` pointing at it."""
+    import shutil
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    tensors = {name: {k: _full(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}  # collective (FSDP)
+    optim = get_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.rank != 0:
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    files = {"default": "adapter_model.safetensors" if ctx.policy.lora else "transformer.safetensors",
+             "old": "old.safetensors", "ref": "ref.safetensors"}
+    for name, file in files.items():
+        save_file(tensors[name], os.path.join(tmp, file))
+    if ctx.policy.lora:  # peft's adapter format: sample.py --lora and peft can read it
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(ctx.policy.lora_config.to_dict(), f, default=sorted, indent=1)
+    torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
+                "rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(cfg.out_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(cfg.out_dir, "latest.tmp"), os.path.join(cfg.out_dir, "latest"))
+    for d in os.listdir(cfg.out_dir):  # keep only the newest checkpoint
+        if d.startswith("ckpt-") and d != os.path.basename(final):
+            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+
+
+def load_checkpoint(cfg, ctx):
+    """Resume from out_dir/latest; returns the step it was saved at. Strict: names and shapes must match."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    pointer = os.path.join(cfg.out_dir, "latest")
+    if not os.path.isfile(pointer):
+        raise SystemExit(f"error: --resume but {pointer} does not exist")
+    with open(pointer) as f:
+        path = os.path.join(cfg.out_dir, f.read().strip())
+    files = {"default": "adapter_model.safetensors" if ctx.policy.lora else "transformer.safetensors",
+             "old": "old.safetensors", "ref": "ref.safetensors"}
+    with torch.no_grad():
+        for name, file in files.items():
+            saved, mine = load_file(os.path.join(path, file)), dict(ctx.policy.named(name))
+            bad = sorted(set(saved) ^ set(mine)) + [k for k in mine if k in saved and saved[k].shape != _full(mine[k]).shape]
+            if bad:
+                raise SystemExit(f"error: {path}/{file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
+            for k, p in mine.items():
+                full = saved[k].to(p.dtype)
+                p.copy_(torch.distributed.tensor.distribute_tensor(full, p.device_mesh, p.placements)
+                        if hasattr(p, "device_mesh") else full.to(p.device))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    set_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    ctx.ctrl.load_state_dict(state["controller"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def report(path):
+    """JSONL log -> PNG of the reward curves (train composite per step, eval means)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({k for r in rows for k in r if k.startswith(("reward/", "eval/"))}):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, label=key)
+    ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    print(f"wrote {out}")
+
+
+def build(cfg, wan=None, reward_fn=None):
+    """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer."""
+    ctx = type("Context", (), {})()
+    ctx.prompts, ctx.eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
+    ctx.rank, ctx.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+        torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    if ctx.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+    paths = {"hpsv3": cfg.hpsv3, "hpsv3_tokenizer": cfg.hpsv3_tokenizer, "videoalign": cfg.videoalign,
+             "videoalign_base": cfg.videoalign_base}
+    ctx.reward_fn = reward_fn or build_reward(cfg.reward, ctx.device, {k: v for k, v in paths.items() if v})
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    ctx.wan = (wan or M.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, dtype=dtype)).to(ctx.device)
+    ctx.wan.height, ctx.wan.width = cfg.height or ctx.wan.height, cfg.width or ctx.wan.width
+    ctx.policy = Policy(cfg, ctx.wan, ctx.world)
+    ctx.train_net = ClipForward(ctx.policy.model, cfg.frames_per_block)
+    if ctx.world > 1 and ctx.policy.lora:
+        ctx.train_net = torch.nn.parallel.DistributedDataParallel(ctx.train_net)
+    ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=cfg.weight_decay)
+    ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
+    return ctx
+
+
+def main(argv):
+    if argv[:1] == ["report"]:
+        return report(argv[1] if len(argv) > 1 else "out/log.jsonl")
+    cfg = parse_config(argv)
+    check_config(cfg)
+    ctx = build(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    start = load_checkpoint(cfg, ctx) if cfg.resume else 0
+    trainable = sum(p.numel() for p in ctx.policy.params("default"))
+    if ctx.rank == 0:
+        P, G = cfg.prompts_per_rank, cfg.group_size
+        print(f"{ctx.world} rank(s) x {P} prompt(s) x {G} candidates = {ctx.world * P * G} clips per step; "
+              f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
+              f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
+              f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
+    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if ctx.rank == 0 else None
+    first_eval = last_eval = None
+    if start == 0 and cfg.eval_every:
+        first_eval = evaluate(0, cfg, ctx)
+        log and log.write(json.dumps({"step": 0, **first_eval}) + "\n")
+    for step in tqdm(range(start + 1, cfg.steps + 1), desc="steps", disable=ctx.rank != 0):
+        row = train_step(step, cfg, ctx)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            last_eval = evaluate(step, cfg, ctx)
+            row.update(last_eval)
+        if log and (step % cfg.log_every == 0 or last_eval is not None):
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(step, cfg, ctx)
+    # every rank must end with the same theta: check it rather than assume it
+    checksum = sum(float(_full(p).double().sum()) for p in ctx.policy.params("default"))
+    print(f"rank {ctx.rank} trainable checksum {checksum:.12e}")
+    sums = all_sum(checksum, checksum ** 2)
+    if abs(sums[1] / ctx.world - (sums[0] / ctx.world) ** 2) > 1e-9 * max(1.0, checksum ** 2):
+        raise RuntimeError("ranks ended with different trainable weights")
+    if ctx.rank == 0 and first_eval and last_eval:
+        print(f"held-out composite reward: {first_eval['eval/composite']:.4f} (start) -> "
+              f"{last_eval['eval/composite']:.4f} (step {cfg.steps})")
+    if ctx.world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
