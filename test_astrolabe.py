@@ -2,15 +2,33 @@
 independent reference (diffusers' own forward with a dense mask built here, separate full copies,
 hand-written key tables, autograd)."""
 import copy
+import json
+import math
+import os
+import socket
+import tempfile
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import model as M
+import rewards
+import train
 from kv_cache import KVCache
+from loss import Controller, advantages, copy_, ema_, kl_loss, policy_loss
+from rewards import (DEFAULT_OFFLINE_SPEC, HPSV3_TEXT, VIDEOALIGN_TEXT, HPSv3, VideoAlign, build_reward,
+                     colorfulness, load_hpsv3, load_videoalign, prompt_color, sample_indices, smoothness,
+                     to_patches, top30_mean)
 from rollout import clip_velocity, draw_noise, generate, group_rollout, new_cache
 
+torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and CI has 2 cores
 N = 3  # frames per block
 
 
@@ -55,7 +73,7 @@ def teacher_forcing_reference(wan, clean, noisy, t_noisy, text, sink, window):
     noisy_tok = torch.arange(2 * Fr).repeat_interleave(tpf) >= Fr
     block = frame // N
     end = (block + 1) * N  # one past the query block's last frame
-    qf, kf = frame[:, None], frame[None, :]
+    kf = frame[None, :]
     in_window = (kf < sink) | (kf >= end[:, None] - window)
     clean_key = ~noisy_tok[None, :]
     mask = torch.where(noisy_tok[:, None],
@@ -391,3 +409,805 @@ def test_sample_rejects_bad_input_before_generating(tmp_path, args, msg):
     with pytest.raises(SystemExit, match=msg):
         sample.main(args)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------------------------ trainer (issue 6)
+
+FAST = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
+        "--eval_every=0", "--save_every=100"]
+
+
+def test_train_forward_matches_rollout_velocity(wan):
+    """At theta = theta_old, the training forward on the x_t the sampler saw at step k returns the
+    sampler's own velocity, for every block of the clip (same attention layout)."""
+    w = copy.deepcopy(wan)
+    policy = train.Policy(train.parse_config(["--lora_rank=4", "--lora_alpha=4"]), w, 1)
+    with torch.no_grad():  # make theta = theta_old non-trivial: LoRA B starts at zero
+        for p_default, p_old in zip(policy.params("default"), policy.params("old")):
+            p_default.normal_(0, 0.05)
+            p_old.copy_(p_default)
+    old = policy.net("old")
+    kv = old.text_kv(w.text_encoder(["a red car"]))
+    seen, k = [], 2
+    forward = old.forward
+
+    def record(x, timestep, text_kv, cache=None, start_frame=0, store=False):
+        v = forward(x, timestep, text_kv, cache, start_frame, store)
+        if start_frame >= 3 and timestep == M.SIGMAS[k] * 1000:
+            seen.append((start_frame, x.clone(), v.clone()))
+        return v
+    old.forward = record
+    g = group_rollout(old, kv, draw_noise(60, 1, (16, 3, 8, 8)), draw_noise(61, 2, (16, 6, 8, 8)), 3, 9)
+    del old.forward
+    assert [s for s, _, _ in seen] == [3, 6]
+    x_t = torch.cat([x for _, x, _ in seen], dim=2)
+    policy.net("default")
+    v = train.ClipForward(policy.model, N)(w.text_encoder(["a red car"]), x_t, torch.full((2,), M.SIGMAS[k]), g.cache, 3)
+    torch.testing.assert_close(v, torch.cat([v for _, _, v in seen], dim=2), atol=1e-5, rtol=0)
+
+
+def test_history_gets_no_gradient_clip_parameters_do(wan):
+    w = copy.deepcopy(wan)
+    policy = train.Policy(train.parse_config([]), w, 1)
+    with torch.enable_grad():
+        old = policy.net("old")
+        g = group_rollout(old, old.text_kv(w.text_encoder(["a cat"])), draw_noise(1, 1, (16, 6, 8, 8)),
+                          draw_noise(2, 2, (16, 3, 8, 8)), 3, 9)
+    assert all(t.grad_fn is None and not t.requires_grad for t in g.cache.prefix[0] + g.cache.prefix[1] + [g.history])
+    policy.net("default")
+    with torch.no_grad():
+        for p in policy.params("default"):
+            p.normal_(0, 0.05)  # LoRA B = 0 would zero the A gradients
+    v = train.ClipForward(policy.model, N)(w.text_encoder(["a cat"]), torch.randn(2, 16, 3, 8, 8),
+                                           torch.tensor([0.9, 0.6]), g.cache, 6)
+    v.square().mean().backward()
+    grads = [p.grad for p in policy.params("default")]
+    assert all(gr is not None for gr in grads) and all(gr.abs().sum() > 0 for gr in grads)
+    assert all(p.grad is None for p in policy.params("old") + policy.params("ref"))
+    assert all(t.grad is None for t in g.cache.prefix[0] + g.cache.prefix[1])
+
+
+def read_ckpt(out):
+    from safetensors.torch import load_file
+    d = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
+    tensors = {f: load_file(os.path.join(d, f)) for f in ("adapter_model.safetensors", "old.safetensors", "ref.safetensors")}
+    return tensors, torch.load(os.path.join(d, "state.pt"), weights_only=True)
+
+
+def assert_same_tree(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    else:
+        assert a == b
+
+
+def test_resume_equals_an_unbroken_run(tmp_path):
+    train.main(FAST + ["--steps=4", f"--out_dir={tmp_path / 'a'}"])
+    train.main(FAST + ["--steps=2", f"--out_dir={tmp_path / 'b'}"])
+    train.main(FAST + ["--steps=4", f"--out_dir={tmp_path / 'b'}", "--resume=true"])
+    (wa, sa), (wb, sb) = read_ckpt(tmp_path / "a"), read_ckpt(tmp_path / "b")
+    assert_same_tree(wa, wb)
+    assert_same_tree(sa["optimizer"], sb["optimizer"])
+    assert sa["step"] == sb["step"] == 4 and sa["controller"] == sb["controller"]
+    assert not torch.equal(wa["adapter_model.safetensors"][next(iter(wa["adapter_model.safetensors"]))],
+                           wa["old.safetensors"][next(iter(wa["old.safetensors"]))])  # theta moved past theta_old
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(FAST + ["--steps=1", f"--out_dir={out}"])
+    before, _ = read_ckpt(out)
+    import safetensors.torch
+    real, calls = safetensors.torch.save_file, []
+
+    def dying_save(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(FAST + ["--steps=2", f"--out_dir={out}", "--resume=true"])
+    monkeypatch.undo()
+    after, state = read_ckpt(out)
+    assert state["step"] == 1
+    assert_same_tree(before, after)
+    train.main(FAST + ["--steps=2", f"--out_dir={out}", "--resume=true"])  # and it resumes from there
+    assert read_ckpt(out)[1]["step"] == 2
+
+
+def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
+           *FAST, "--steps=2", f"--out_dir={tmp_path}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    sums = sorted(line.split()[1:] for line in res.stdout.splitlines() if "trainable checksum" in line)
+    assert [r for r, *_ in sums] == ["0", "1"] and sums[0][-1] == sums[1][-1], res.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompts=/nonexistent.txt"], "does not exist"),
+    (["--preset=sd3"], "unknown preset"),
+    (["--learning_rate=1"], "unknown config key 'learning_rate'"),
+    (["--clip_frames=12", "--window_frames=9"], "longer than window_frames"),
+    (["--group_size=1"], "at least 2 candidates"),
+    (["steps=3"], "--key=value"),
+])
+def test_train_rejects_bad_config_before_rollout(args, msg):
+    with pytest.raises(SystemExit, match=msg):
+        train.main(args)
+
+
+def test_train_rejects_empty_prompts_and_other_model_size(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit, match="has no prompts"):
+        train.main([f"--prompts={empty}"])
+    train.main(FAST + ["--steps=1", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        train.main(FAST + ["--steps=2", f"--out_dir={tmp_path}", "--resume=true", "--lora_rank=4"])
+
+
+# ------------------------------------------------------------------ loss (issue 5)
+# ---- policy loss (Eq. 1, 2) ----
+
+@pytest.mark.parametrize("r, effect", [(0.75, "closer"), (0.25, "farther"), (0.5, "none")])
+def test_direction_on_toy_velocity_model(r, effect):
+    """A > 0 (r > 1/2) moves v_theta toward eps - x0, A < 0 away, A = 0 at theta = theta_old gives no gradient."""
+    torch.manual_seed(0)
+    B, D, t = 6, 10, 0.625
+    model = torch.nn.Linear(D, D)  # toy velocity model v(x_t)
+    old = copy.deepcopy(model)  # theta_old = theta
+    x0, eps = torch.randn(B, D), torch.randn(B, D)
+    x_t = (1 - t) * x0 + t * eps
+    dist_to_target = lambda: (model(x_t) - (eps - x0)).norm().item()
+    before = dist_to_target()
+    with torch.no_grad():
+        x0_old = x_t - t * old(x_t)
+    loss = policy_loss(x_t - t * model(x_t), x0_old, x0, torch.full((B,), r))
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if effect == "none":
+        assert grad.abs().max() < 1e-7
+        return
+    assert grad.abs().max() > 1e-3
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = dist_to_target()
+    assert (after < before - 1e-4) if effect == "closer" else (after > before + 1e-4)
+
+
+def test_analytic_gradient_at_theta_old():
+    """dL_i/dx0_theta = (2 beta / D)(2 r_i - 1)(x0_old - x0) at x0_theta = x0_old (L = mean of L_i, so times B)."""
+    torch.manual_seed(1)
+    B, shape, beta = 5, (3, 2, 4, 4), 0.7
+    D = math.prod(shape)
+    x0, x0_old = torch.randn(B, *shape), torch.randn(B, *shape)
+    r = torch.rand(B)
+    x0_theta = x0_old.clone().requires_grad_()
+    policy_loss(x0_theta, x0_old, x0, r, beta=beta).backward()
+    expected = (2 * beta / D) * (2 * r - 1).view(-1, 1, 1, 1, 1) * (x0_old - x0)
+    torch.testing.assert_close(x0_theta.grad * B, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_policy_loss_value_and_micro_batches():
+    torch.manual_seed(2)
+    B = 6
+    x0_theta, x0_old, x0, r = torch.randn(B, 3, 5), torch.randn(B, 3, 5), torch.randn(B, 3, 5), torch.rand(B)
+    beta = 0.8
+    # independent per-sample loop
+    ref = 0.0
+    for i in range(B):
+        plus = (1 - beta) * x0_old[i] + beta * x0_theta[i]
+        minus = (1 + beta) * x0_old[i] - beta * x0_theta[i]
+        ref += r[i] * ((plus - x0[i]) ** 2).mean() + (1 - r[i]) * ((minus - x0[i]) ** 2).mean()
+    full = policy_loss(x0_theta, x0_old, x0, r, beta=beta)
+    torch.testing.assert_close(full, ref / B)
+    parts = sum(policy_loss(x0_theta[s], x0_old[s], x0[s], r[s], beta=beta, n=B) for s in (slice(0, 4), slice(4, 6)))
+    torch.testing.assert_close(parts, full)
+
+
+# ---- advantages (Eq. 4) ----
+
+def test_advantages_hand_table():
+    # group 1: fifteen 0 and one 16 (mean 1); group 2: eight 1 and eight 3 (mean 2).
+    # global mean 1.5, population variance (15 * 1.5^2 + 14.5^2 + 8 * 0.5^2 + 8 * 1.5^2) / 32 = 264 / 32 = 8.25
+    g1 = [0.0] * 15 + [16.0]
+    g2 = [1.0, 3.0] * 8
+    A, r = advantages(torch.tensor(g1 + g2), group_size=16)
+    s = math.sqrt(8.25) + 1e-4
+    exp_A = [-1 / s] * 15 + [5.0] + [-1 / s, 1 / s] * 8  # 15 / s = 5.22 is clipped to A_max = 5
+    exp_r = [0.5 - 0.1 / s] * 15 + [1.0] + [0.5 - 0.1 / s, 0.5 + 0.1 / s] * 8
+    torch.testing.assert_close(A, torch.tensor(exp_A))
+    torch.testing.assert_close(r, torch.tensor(exp_r))
+
+
+def test_bad_input_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, torch.randn(4, 2), x, torch.rand(4))
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, x, torch.randn(3, 3), torch.rand(4))
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, x, x, torch.rand(3))
+    with pytest.raises(ValueError, match="shape"):
+        kl_loss(x, torch.randn(4, 4), torch.tensor([True, False, False, False]))
+    with pytest.raises(ValueError, match="does not divide"):
+        advantages(torch.randn(10), group_size=4)
+    with pytest.raises(ValueError, match="nan"):
+        advantages(torch.tensor([1.0, float("nan"), 2.0, 3.0]), group_size=2)
+    with pytest.raises(ValueError, match="inf"):
+        advantages(torch.tensor([1.0, 0.0, float("inf"), 3.0]), group_size=2)
+    with pytest.raises(ValueError, match="shape"):
+        Controller().uncertainty_mask(torch.randn(5), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="auxiliaries.*nan"):
+        Controller().uncertainty_mask(torch.randn(3), torch.tensor([[0.0], [float("nan")], [1.0]]))
+
+
+# ---- selective KL ----
+
+def test_kl_loss_masked_mean_and_zero():
+    torch.manual_seed(3)
+    th, ref = torch.randn(6, 2, 3), torch.randn(6, 2, 3)
+    mask = torch.tensor([True, False, True, False, False, True])
+    expected = 1e-4 * sum(((th[i] - ref[i]) ** 2).mean() for i in (0, 2, 5)) / 3
+    torch.testing.assert_close(kl_loss(th, ref, mask), expected)
+    parts = kl_loss(th[:3], ref[:3], mask[:3], n_masked=3) + kl_loss(th[3:], ref[3:], mask[3:], n_masked=3)
+    torch.testing.assert_close(parts, expected)
+    zero = kl_loss(th, None, torch.zeros(6, dtype=torch.bool))  # no reference forward needed
+    assert zero.item() == 0.0
+
+
+# ---- uncertainty mask ----
+
+def np_ranks(x):  # ascending ranks 1..N of distinct values, independent of loss._rank
+    return np.argsort(np.argsort(x, kind="stable"), kind="stable") + 1.0
+
+
+def test_rank_sign_and_threshold():
+    g = np.random.default_rng(4)
+    N, K = 40, 2
+    P, X = g.normal(size=N), g.normal(size=(N, K))
+    P[0], X[0] = P.max() + 1, X.min() - 1  # primary's top, auxiliaries' bottom: hacking suspect
+    P[1], X[1] = P.min() - 1, X.max() + 1  # the reverse: not suspicious
+    mask = Controller().uncertainty_mask(torch.tensor(P), torch.tensor(X))
+    assert mask[0] and not mask[1]
+    d = np_ranks(P) - np.mean([np_ranks(X[:, k]) for k in range(K)], axis=0)
+    tau = np.percentile(d[d >= 0], 100 * (1 - 0.1))  # first step: rho = 0.1 unchanged
+    np.testing.assert_array_equal(mask.numpy(), d > tau)
+    assert 0 < mask.sum() < N
+
+
+def test_ties_share_ranks():
+    # the auxiliary cannot tell samples apart: average ranks give d = rank(primary) - (N + 1) / 2
+    ctrl = Controller(rho=0.2)
+    P = torch.tensor([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0])
+    mask = ctrl.uncertainty_mask(P, torch.ones(8, 1))
+    d = np_ranks(P.numpy()) - 4.5
+    np.testing.assert_array_equal(mask.numpy(), d > np.percentile(d[d >= 0], 80))
+
+
+def swap_step(ctrl, N, s):
+    """auxiliary = primary with samples 0 and s swapped: mean non-negative d = s / (N - 1)."""
+    aux = torch.arange(N, dtype=torch.float32)
+    aux[[0, s]] = aux[[s, 0]]
+    ctrl.uncertainty_mask(torch.arange(N, dtype=torch.float32), aux[:, None])
+
+
+def test_rho_direction_and_bounds():
+    up, down, N = Controller(), Controller(), 64
+    for k, s in enumerate(range(1, 31)):  # growing discrepancy: x1.1 each step after the first, capped at 0.2
+        swap_step(up, N, s)
+        assert up.rho == pytest.approx(min(0.1 * 1.1 ** k, 0.2))
+    for k, s in enumerate(range(60, 30, -1)):  # shrinking: x0.9, floored at 0.02
+        swap_step(down, N, s)
+        assert down.rho == pytest.approx(max(0.1 * 0.9 ** k, 0.02))
+
+    g = torch.Generator().manual_seed(5)
+    ctrl, past, rho = Controller(), [], 0.1  # random steps against an exact (Fraction) re-implementation
+    for _ in range(200):
+        P, X = torch.randn(24, generator=g), torch.randn(24, 3, generator=g) * torch.rand(1, generator=g)
+        ctrl.uncertainty_mask(P, X)
+        rp, rx = np_ranks(P.numpy()), [np_ranks(X[:, k].numpy()) for k in range(3)]
+        d = [Fraction(int(3 * rp[i] - sum(r[i] for r in rx)), 3) for i in range(24)]
+        m = sum(x for x in d if x >= 0) / sum(1 for x in d if x >= 0)
+        if past:
+            rho = rho * 1.1 if m > max(past[-20:]) else rho * 0.9 if m < min(past[-20:]) else rho
+            rho = min(max(rho, 0.02), 0.2)
+        past.append(m)
+        assert 0.02 <= ctrl.rho <= 0.2 and ctrl.rho == pytest.approx(rho)
+
+
+# ---- dynamic reference and EMA ----
+
+def test_reference_reset_triggers():
+    ctrl = Controller(tau_kl=0.15, k_max=15)
+    kl = [0.01] * 14 + [0.01] + [0.15, 0.2] + [0.1] * 14 + [0.16, 0.0]
+    want = [False] * 14 + [True] + [False, True] + [False] * 14 + [True, False]
+    # step 15: K_max since start; 0.15 does not exceed tau; 0.2 does; the clock restarts after each reset
+    assert [ctrl.should_reset_reference(v) for v in kl] == want
+    with pytest.raises(ValueError, match="nan"):
+        ctrl.should_reset_reference(float("nan"))
+
+
+def test_state_dict_resume():
+    g = torch.Generator().manual_seed(6)
+    steps = [(torch.randn(16, generator=g), torch.randn(16, 2, generator=g), float(torch.rand(1, generator=g)) * 0.2)
+             for _ in range(30)]
+    a = Controller()
+    for P, X, kl in steps[:12]:
+        a.uncertainty_mask(P, X)
+        a.should_reset_reference(kl)
+    b = Controller()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain numbers: saveable anywhere
+    for P, X, kl in steps[12:]:
+        assert torch.equal(a.uncertainty_mask(P, X), b.uncertainty_mask(P, X))
+        assert a.should_reset_reference(kl) == b.should_reset_reference(kl)
+        assert a.state_dict() == b.state_dict()
+
+
+def test_ema_and_copy():
+    torch.manual_seed(7)
+    old = [torch.randn(3, 4), torch.randn(5)]
+    new = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    expected = [0.9 * o + 0.1 * p.detach() for o, p in zip(old, new)]
+    ema_(old, new, gamma=0.9)
+    for o, e in zip(old, expected):
+        torch.testing.assert_close(o, e)
+    copy_(old, new)
+    assert all(torch.equal(o, p) for o, p in zip(old, new))
+    with pytest.raises(ValueError, match="shape"):
+        ema_(old, [torch.randn(3, 4), torch.randn(1)])
+    with pytest.raises(ValueError, match="length"):
+        copy_(old, new[:1])
+
+
+# ---- two processes (gloo) ----
+
+def _worker(rank, world, init, rewards, P, X, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    n = len(rewards) // world  # each rank owns whole groups
+    sl = slice(rank * n, (rank + 1) * n)
+    A, r = advantages(rewards[sl], group_size=4)
+    mask = Controller().uncertainty_mask(P[sl], X[sl])
+    torch.save((A, r, mask), os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one():
+    g = torch.Generator().manual_seed(8)
+    rewards = torch.randn(16, generator=g) * 3 + torch.arange(16) // 4  # 4 groups of 4
+    P, X = torch.randn(16, generator=g), torch.randn(16, 2, generator=g)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(2, f"tcp://127.0.0.1:{port}", rewards, P, X, out), nprocs=2)
+        parts = [torch.load(os.path.join(out, f"{i}.pt")) for i in range(2)]
+    A, r = advantages(rewards, group_size=4)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), A)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), r)
+    mask = Controller().uncertainty_mask(P, X)
+    assert torch.equal(torch.cat([p[2] for p in parts]), mask)
+    # a local-only std would differ: the groups have different spreads
+    assert not torch.allclose(advantages(rewards[:8], 4)[0], A[:8])
+
+
+# ------------------------------------------------------------------ rewards (issue 4)
+SPECIALS = rewards.SPECIALS
+# Qwen2-VL-Instruct chat_template (tokenizer_config.json), the reference for rewards.CHAT
+QWEN2VL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+PIXELS = (28 * 28 * 4, 28 * 28 * 6)  # tiny budget: a 64x96 frame -> 56x84 -> 4x6 patches -> 2x3 tokens
+NORM = {"VQ_mean": 0.3, "VQ_std": 2.0, "MQ_mean": -0.2, "MQ_std": 0.5, "TA_mean": 1.0, "TA_std": 4.0}
+
+
+def make_tokenizer():
+    fast = rewards.byte_tokenizer()
+    fast.chat_template = QWEN2VL_TEMPLATE
+    return fast
+
+
+def tiny_config(tok):
+    from transformers import Qwen2VLConfig
+    ids = tok.convert_tokens_to_ids
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                         rope_parameters=dict(rope_type="default", rope_theta=100.0, mrope_section=[2, 1, 1])),
+        vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def randomize(model, seed):
+    """Large random weights so positions and every input matter (the default init is nearly flat)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def hps_head(d, dtype=torch.float32):
+    return nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hps(tok):
+    return randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
+
+
+@pytest.fixture(scope="module")
+def va(tok):
+    return randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 1, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)
+
+
+def video(b, f, h=64, w=96, seed=0):
+    return torch.rand(b, f, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model, tok, clips, texts, video_input, mrope=False):
+    """transformers' stock Qwen2VLModel forward on independently built inputs: the chat template rendered
+    by jinja, patches from transformers' PIL image processor (images) or an explicit patch loop (videos)."""
+    n, t = clips.shape[:2]
+    h, w = rewards.smart_resize(clips.shape[-2], clips.shape[-1], *PIXELS)
+    q8 = lambda x: x.clamp(0, 1).mul(255).round().div(255)
+    frames = q8(F.interpolate(q8(clips).flatten(0, 1), size=(h, w), mode="bicubic", antialias=True)).view(n, t, 3, h, w)
+    if not video_input:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        out = Qwen2VLImageProcessorPil(do_resize=False)(images=[f[0].permute(1, 2, 0).numpy() for f in frames],
+                                                        do_rescale=False, return_tensors="pt")
+        pixels, grid = out["pixel_values"], out["image_grid_thw"]
+    else:
+        mean, std = torch.tensor(rewards.CLIP_MEAN)[:, None, None], torch.tensor(rewards.CLIP_STD)[:, None, None]
+        norm, rows = (frames - mean) / std, []
+        for i in range(n):
+            for ti in range(t // 2):
+                for bh in range(h // 28):
+                    for bw in range(w // 28):
+                        for mi in range(2):
+                            for mj in range(2):
+                                y, x = (2 * bh + mi) * 14, (2 * bw + mj) * 14
+                                rows.append(norm[i, 2 * ti:2 * ti + 2, :, y:y + 14, x:x + 14].permute(1, 0, 2, 3).flatten())
+        pixels, grid = torch.stack(rows), torch.tensor([[t // 2, h // 14, w // 14]] * n)
+    kind, pad = ("video", "<|video_pad|>") if video_input else ("image", "<|image_pad|>")
+    chats = [tok.apply_chat_template([{"role": "user", "content": [{"type": kind}, {"type": "text", "text": txt}]}],
+                                     tokenize=False, add_generation_prompt=True) for txt in texts]
+    chats = [c.replace(pad, pad * (int(grid[0].prod()) // 4)) for c in chats]
+    enc = tok(chats, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    kw = dict(pixel_values_videos=pixels, video_grid_thw=grid) if video_input else dict(pixel_values=pixels, image_grid_thw=grid)
+    if mrope:  # the stock path: 3-D M-RoPE positions from the token types
+        kw["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids(pad)).int() * (2 if video_input else 1)
+    else:
+        kw["position_ids"] = torch.arange(ids.shape[1]).expand_as(ids)
+    model.model.rope_deltas = None
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=mask, **kw).last_hidden_state
+    return ids, hidden
+
+
+# ------------------------------------------------------------------ the Qwen2-VL forward
+
+
+@pytest.mark.parametrize("video_input", [False, True])
+def test_forward_matches_sequential_reference_and_differs_from_mrope(hps, va, tok, video_input):
+    model = va if video_input else hps
+    clips = video(2, 4 if video_input else 2, seed=3)
+    if not video_input:
+        clips = clips[:, :1].expand(-1, 2, -1, -1, -1)  # a lone image, tiled to the temporal patch
+    texts = ["x " + " y ".join(model.TOKENS), "a longer prompt " + " then ".join(model.TOKENS) + " end"]
+    with torch.no_grad():
+        got = model(clips, texts, video=video_input)
+    for mrope in (False, True):
+        ids, hidden = reference(model, tok, clips, texts, video_input, mrope)
+        picked = torch.stack([hidden[ids == tok.convert_tokens_to_ids(t)] for t in model.TOKENS], 1)
+        want = model.rm_head(picked).float()
+        if mrope:
+            assert (got - want).abs().max() > 1e-3, "the stock M-RoPE forward should score differently"
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.std() > 1e-3  # a real, input-dependent score
+
+
+def test_patches_match_transformers_image_processor():
+    clips = video(3, 1, 70, 50, seed=5).expand(-1, 2, -1, -1, -1)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    h, w = rewards.smart_resize(70, 50, *PIXELS)
+    q8 = lambda x: x.clamp(0, 1).mul(255).round().div(255)
+    frames = q8(F.interpolate(q8(clips[:, 0]), size=(h, w), mode="bicubic", antialias=True))
+    out = Qwen2VLImageProcessorPil(do_resize=False)(images=[f.permute(1, 2, 0).numpy() for f in frames],
+                                                    do_rescale=False, return_tensors="pt")
+    pixels, grid = to_patches(clips, *PIXELS)
+    torch.testing.assert_close(grid, out["image_grid_thw"])
+    torch.testing.assert_close(pixels, out["pixel_values"].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_score_is_read_at_the_reward_token(hps, tok):
+    clips = video(2, 1, seed=7).expand(-1, 2, -1, -1, -1)
+    texts = ["abc <|Reward|> defghijk", "abc defghijk <|Reward|>"]  # same words, token moved
+    with torch.no_grad():
+        got = hps(clips[:1].expand(2, -1, -1, -1, -1), texts, video=False)[:, 0]
+    ids, hidden = reference(hps, tok, clips[:1].expand(2, -1, -1, -1, -1), texts, False)
+    pos = (ids == tok.convert_tokens_to_ids("<|Reward|>")).nonzero()[:, 1]
+    for i in range(2):
+        torch.testing.assert_close(got[i], hps.rm_head(hidden[i, pos[i]]), rtol=1e-4, atol=1e-4)
+        assert (got[i] - hps.rm_head(hidden[i, pos[1 - i]])).abs().max() > 1e-3
+    assert (got[0] - got[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="exactly once"):
+        hps(clips[:1], ["<|Reward|> twice <|Reward|>"], video=False)
+    with pytest.raises(ValueError, match="exactly once"):
+        hps(clips[:1], ["no token"], video=False)
+
+
+# ------------------------------------------------------------------ HPSv3: top 30% of frames
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 7, 10, 13, 20, 21])
+def test_top30_mean_exact(f):
+    scores = torch.randn(3, f, generator=torch.Generator().manual_seed(f))
+    for row, got in zip(scores.tolist(), top30_mean(scores)):
+        best = sorted(row, reverse=True)[:max(1, int(len(row) * 0.3))]  # astrolabe/rewards.py
+        assert got.item() == pytest.approx(sum(best) / len(best), abs=1e-6)
+    assert top30_mean(torch.tensor([[5., 1., 9.]])).item() == 9.0  # < 4 frames: the best frame
+    torch.testing.assert_close(top30_mean(torch.arange(10.)[None].flip(1)), torch.tensor([8.]))
+
+
+def test_hpsv3_score_is_top30_of_per_frame_mu(hps, monkeypatch):
+    monkeypatch.setattr(rewards, "HPSV3_TEXT", "rate {text_prompt}: <|Reward|>")  # short text: a fast test
+    frames = video(2, 7, seed=11)
+    got = hps.score(frames, ["a red car", "a dog"], chunk=3)  # chunks straddle the two clips
+    with torch.no_grad():
+        mu = torch.tensor([[hps(frames[b, i][None, None].expand(1, 2, -1, -1, -1),
+                                [f"rate {p}: <|Reward|>"], video=False)[0, 0, 0].item()
+                            for i in range(7)] for b, p in enumerate(["a red car", "a dog"])])
+    want = torch.tensor([sum(sorted(r, reverse=True)[:2]) / 2 for r in mu.tolist()])  # k = int(7 * 0.3) = 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (mu.std(1) > 1e-3).all()
+
+
+def test_templates_are_verbatim():
+    # trailing spaces are part of the trained prompts (MizzenAI/HPSv3, KwaiVGI/VideoAlign)
+    assert HPSV3_TEXT.startswith("\nYou are tasked with evaluating a generated image based on Visual Quality and Text")
+    assert "the best. \n\n**Visual Quality:**  \nEvaluate" in HPSV3_TEXT and "possible. \n\n**Text Alignment:**  \n" in HPSV3_TEXT
+    assert HPSV3_TEXT.endswith("Textual prompt - {text_prompt}\n\n\n\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n")
+    assert "possible. \n\nPlease provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n**Motion Quality:**  \n" in VIDEOALIGN_TEXT
+    assert "acceptable.  \n- **Style" in VIDEOALIGN_TEXT and VIDEOALIGN_TEXT.startswith("\nYou are tasked")
+    assert VIDEOALIGN_TEXT.endswith("Textual prompt - {text_prompt}\nPlease provide the ratings of Text Alignment: <|TA_reward|>\nEND\n")
+
+
+# ------------------------------------------------------------------ VideoAlign: 2 fps, grayscale MQ
+
+
+def test_sampler_2fps_indices_for_16fps_input():
+    assert sample_indices(81) == [0, 9, 18, 27, 36, 44, 53, 62, 71, 80]  # 81 / 16 * 2 = 10.1 -> 10
+    assert sample_indices(45) == [0, 9, 18, 26, 35, 44]  # 5.6 -> 6
+    assert sample_indices(21) == [0, 7, 13, 20]  # 2.6 -> at least 4
+    assert sample_indices(9) == [0, 3, 5, 8]
+    assert sample_indices(3) == [0, 2]  # even count <= total
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        sample_indices(1)
+
+
+def test_grayscale_motion_path_and_rgb_alignment_path(va):
+    frames, seen = video(2, 9, seed=13), []
+    va.forward = lambda clips, texts, video: seen.append(clips) or VideoAlign.forward(va, clips, texts, video)
+    try:
+        mq = va.score(frames, ["a", "b"], "MQ", gray=True)
+        ta = va.score(frames, ["a", "b"], "TA", gray=False)
+    finally:
+        del va.forward
+    picked = frames[:, [0, 3, 5, 8]]
+    gray = 0.299 * picked[:, :, 0] + 0.587 * picked[:, :, 1] + 0.114 * picked[:, :, 2]
+    for c in range(3):
+        torch.testing.assert_close(seen[0][:, :, c], gray)
+    torch.testing.assert_close(seen[1], picked)
+    # z-scored head outputs: MQ from the 2nd reward token, TA from the 3rd, with model_config's constants
+    with torch.no_grad():
+        raw_gray = va(seen[0], [VIDEOALIGN_TEXT.format(text_prompt=p) for p in "ab"], video=True)[..., 0]
+        raw_rgb = va(picked, [VIDEOALIGN_TEXT.format(text_prompt=p) for p in "ab"], video=True)[..., 0]
+    torch.testing.assert_close(mq, (raw_gray[:, 1] + 0.2) / 0.5)
+    torch.testing.assert_close(ta, (raw_rgb[:, 2] - 1.0) / 4.0)
+    assert (mq - ta).abs().min() > 1e-4 and mq.std() > 1e-4
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def legacy(sd):
+    """Today's keys -> the transformers-4.45 layout the checkpoints were saved in (inverse of the remap)."""
+    out = {}
+    for k, v in sd.items():
+        out[k.replace("model.visual.", "visual.", 1) if k.startswith("model.visual.")
+            else k.replace("model.language_model.", "model.", 1) if k.startswith("model.language_model.") else k] = v
+    return out
+
+
+def test_hpsv3_checkpoint_remap(hps, tok, tmp_path):
+    sd = legacy({k: v.clone() for k, v in hps.state_dict().items()})
+    assert "visual.merger.mlp.2.weight" in sd and "model.layers.0.self_attn.q_proj.weight" in sd and "rm_head.5.weight" in sd
+    sd["lm_head.weight"] = torch.randn(len(tok), 32)
+    save_file(sd, tmp_path / "HPSv3.safetensors")
+    loaded = load_hpsv3(tmp_path / "HPSv3.safetensors", tokenizer=tok, config=tiny_config(tok), pixels=PIXELS)
+    frames = video(1, 3, seed=17)
+    torch.testing.assert_close(loaded.score(frames, ["a cat"]), hps.score(frames, ["a cat"]))
+    sd["model.layers.0.mlp.upp_proj.weight"] = sd.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="upp_proj"):
+        load_hpsv3(tmp_path / "bad.safetensors", tokenizer=tok, config=tiny_config(tok), pixels=PIXELS)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_hpsv3(tmp_path / "missing.safetensors", tokenizer=tok, config=tiny_config(tok))
+
+
+LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def videoreward_folder(root, va, tok, form):
+    """A VideoReward folder like KwaiVGI/VideoReward's (full) or a training checkpoint (LoRA form), plus
+    the scores a correctly merged model must give: base weights + (alpha / r) * B @ A, alpha 8, r 4."""
+    g = torch.Generator().manual_seed(23)
+    base = {k: v.clone() for k, v in va.state_dict().items()}
+    merged, peft = dict(base), {}
+    for k, w in base.items():
+        if k.startswith("model.language_model.layers.") and k.split(".")[-2] in LORA and k.endswith("weight"):
+            a, b = torch.randn(4, w.shape[1], generator=g), torch.randn(w.shape[0], 4, generator=g) * 0.1
+            merged[k] = w + 2.0 * b @ a
+            stem = "base_model.model." + legacy({k[:-len(".weight")]: 0}).popitem()[0]
+            peft[f"{stem}.lora_A.default.weight"], peft[f"{stem}.lora_B.default.weight"] = a, b
+    meta = {"data_config": {"prompt_template_type": "detailed_special", "fps": 2.0, "max_frame_pixels": 200704},
+            "model_config": {"reward_token": "special", "output_dim": 1},
+            "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8, "use_rslora": False},
+            "inference_config": NORM}
+    ckpt = root / "checkpoint-20"
+    (root / "checkpoint-3").mkdir(parents=True)  # an older step, to be ignored
+    ckpt.mkdir()
+    (root / "model_config.json").write_text(json.dumps(meta))
+    plain = legacy(base)
+    plain["lm_head.weight"] = plain["model.embed_tokens.weight"]
+    if form == "full":  # PeftModel.state_dict(): base_layer for wrapped Linears
+        full = {"base_model.model." + (k.replace(f".{k.split('.')[-2]}.", f".{k.split('.')[-2]}.base_layer.")
+                                       if k.split(".")[-2] in LORA and k.startswith("model.layers.") else k): v
+                for k, v in plain.items()}
+        torch.save({**full, **peft}, ckpt / "model.pth")
+    else:
+        basedir = root / "Qwen2-VL-2B-Instruct"
+        basedir.mkdir()
+        hub = {k: (torch.randn_like(v) if k.startswith("visual.") else v) for k, v in plain.items()}  # untrained ViT
+        hub["model.embed_tokens.weight"] = torch.cat([plain["model.embed_tokens.weight"], torch.randn(5, 32)])
+        save_file({k: v.contiguous() for k, v in hub.items() if k != "lm_head.weight"}, basedir / "model.safetensors")
+        torch.save({"base_model.model." + k: v for k, v in plain.items() if k.startswith(("visual.", "rm_head."))},
+                   ckpt / "non_lora_state_dict.pth")
+        save_file({k.replace(".default.", "."): v for k, v in peft.items()}, ckpt / "adapter_model.safetensors")
+    want = VideoAlign(tiny_config(tok), nn.Linear(32, 1, bias=False), tok, (128 * 28 * 28, 200704), norm=NORM, fps=2.0)
+    want.load_state_dict(merged)
+    return want.eval()
+
+
+@pytest.mark.parametrize("form", ["full", "lora"])
+def test_videoalign_checkpoint_forms(va, tok, tmp_path, form):
+    want = videoreward_folder(tmp_path, va, tok, form)
+    base = tmp_path / "Qwen2-VL-2B-Instruct" if form == "lora" else None
+    got = load_videoalign(tmp_path, tokenizer=tok, base=base, config=tiny_config(tok))
+    frames = video(2, 5, 40, 40, seed=29)
+    for axis, gray in (("MQ", True), ("TA", False)):
+        torch.testing.assert_close(got.score(frames, ["a", "b"], axis, gray), want.score(frames, ["a", "b"], axis, gray))
+    if form == "lora":
+        with pytest.raises(FileNotFoundError, match="videoalign_base"):
+            load_videoalign(tmp_path, tokenizer=tok, config=tiny_config(tok))
+    else:
+        sd = torch.load(tmp_path / "checkpoint-20" / "model.pth")
+        sd.pop(next(k for k in sd if k.endswith("q_proj.lora_B.default.weight")))
+        torch.save(sd, tmp_path / "checkpoint-20" / "model.pth")
+        with pytest.raises(KeyError, match="q_proj.lora_B"):
+            load_videoalign(tmp_path, tokenizer=tok, config=tiny_config(tok))
+
+
+# ------------------------------------------------------------------ offline rewards and the composite
+
+
+def test_offline_rewards_move_the_right_way():
+    v = video(1, 13, 64, 64, seed=31)
+    red = 0.5 * v + 0.5 * torch.tensor([1., 0, 0])[:, None, None]
+    assert prompt_color(red, ["a red car"]) > prompt_color(v, ["a red car"])
+    assert prompt_color(red, ["a blue car"]) < prompt_color(v, ["a blue car"])
+    assert prompt_color(red, ["a car"]).item() == 0
+    pixel = torch.tensor([1., 0, 0]).view(1, 1, 3, 1, 1)  # one pure red pixel
+    assert prompt_color(pixel, ["Red!"]).item() == pytest.approx(1.0)
+    gray = v.mean(2, keepdim=True).expand(-1, -1, 3, -1, -1)
+    assert colorfulness(gray, ["x"]).item() == pytest.approx(0, abs=1e-6) and colorfulness(v, ["x"]) > 0.1
+    mixed = gray.clone()
+    mixed[:, [2, 5, 8, 11]] = v[:, [2, 5, 8, 11]]  # 4 colourful frames of 13: top-30% keeps k = 3 of them
+    rg = v[0, :, 0] - v[0, :, 1]
+    yb = (v[0, :, 0] + v[0, :, 1]) / 2 - v[0, :, 2]
+    per = (rg.flatten(1).var(1, unbiased=False) + yb.flatten(1).var(1, unbiased=False)).sqrt() \
+        + 0.3 * (rg.flatten(1).mean(1) ** 2 + yb.flatten(1).mean(1) ** 2).sqrt()
+    assert colorfulness(mixed, ["x"]).item() == pytest.approx(per[[2, 5, 8, 11]].sort().values[1:].mean().item(), rel=1e-5)
+    still = v[:, :1].expand(-1, 13, -1, -1, -1) * torch.linspace(0.9, 1, 13)[None, :, None, None, None]
+    assert smoothness(still, ["x"]) > smoothness(v, ["x"])
+    lum = (v[0] * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1).numpy()
+    assert smoothness(v, ["x"]).item() == pytest.approx(-np.abs(np.diff(lum, axis=0)).mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("f", [9, 21])
+def test_default_offline_spec_gives_a_learnable_deterministic_signal(f):
+    reward_fn = build_reward(DEFAULT_OFFLINE_SPEC)
+    assert reward_fn.names == ["colorfulness", "smoothness", "prompt_color"] and reward_fn.weights == [1.0, 1.0, 1.0]
+    frames = video(6, f, 64, 64, seed=f) ** torch.linspace(0.5, 3, 6)[:, None, None, None, None]
+    prompts = ["a red car", "a blue sky", "a green field", "a cat", "a red fox", "white snow"]
+    out = reward_fn(frames, prompts)
+    assert out.keys() == {"colorfulness", "smoothness", "prompt_color", "composite"}
+    for name, r in out.items():
+        assert r.dtype == torch.float32 and r.shape == (6,) and r.device.type == "cpu" and torch.isfinite(r).all()
+        assert name == "prompt_color" or r.std() > 1e-3  # varies across samples
+    torch.testing.assert_close(out["composite"], out["colorfulness"] + out["smoothness"] + out["prompt_color"])
+    torch.testing.assert_close(reward_fn(frames, prompts)["composite"], out["composite"], rtol=0, atol=0)
+
+
+def mean_brightness(frames, prompts):
+    return frames.mean((1, 2, 3, 4)).tolist()
+
+
+def raising(frames, prompts):
+    raise RuntimeError("boom")
+
+
+def returns_nan(frames, prompts):
+    return torch.full((len(prompts),), float("nan"))
+
+
+def test_custom_reward_plugs_in_and_failures_stop_the_step():
+    frames = video(3, 9, 64, 64, seed=37)
+    reward_fn = build_reward("test_rewards:mean_brightness:0.5,smoothness:2")
+    assert reward_fn.names == ["test_rewards:mean_brightness", "smoothness"] and reward_fn.weights == [0.5, 2.0]
+    out = reward_fn(frames, ["a"] * 3)
+    torch.testing.assert_close(out["composite"], 0.5 * frames.mean((1, 2, 3, 4)) + 2 * smoothness(frames, None))
+    with pytest.raises(RuntimeError, match="'test_rewards:raising' failed: RuntimeError: boom"):
+        build_reward("colorfulness:1,test_rewards:raising:1")(frames, ["a"] * 3)
+    with pytest.raises(ValueError, match="'test_rewards:returns_nan' must return 3 finite floats"):
+        build_reward("test_rewards:returns_nan:1")(frames, ["a"] * 3)
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    reward_fn, frames = build_reward(DEFAULT_OFFLINE_SPEC), video(2, 9, 64, 64)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got min .* max 1.5"):
+        reward_fn(frames * 1.5, ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\].*\[2, 9, 64, 64\]"):
+        reward_fn(frames[:, :, 0], ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\].*\[2, 9, 4, 64, 64\]"):
+        reward_fn(torch.cat([frames, frames[:, :, :1]], 2), ["a", "b"])
+    with pytest.raises(ValueError, match="list of 2 prompt strings"):
+        reward_fn(frames, ["a"])
+    with pytest.raises(ValueError, match="unknown reward 'hps'"):
+        build_reward("hps:1")
+    with pytest.raises(ValueError, match="must be name:weight"):
+        build_reward("colorfulness")
+    with pytest.raises(ValueError, match="needs paths\\['hpsv3'\\]"):
+        build_reward("hpsv3:1")
+    with pytest.raises(FileNotFoundError, match="nowhere/HPSv3.safetensors"):
+        build_reward("hpsv3:1", paths={"hpsv3": str(tmp_path / "nowhere/HPSv3.safetensors")})
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        build_reward("videoalign_mq:1", paths={"videoalign": str(tmp_path)})
+    with pytest.raises(ValueError, match="has no function nope"):
+        build_reward("test_rewards:nope:1")
