@@ -50,13 +50,15 @@ def real_wan():
                 p.data = p.data.float()
         enc = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(DT).eval()
         vae = AutoencoderKLWan().to(DT).eval()
-    return M.Wan(M.CausalWan(tr).eval(), M.TextEncoder(ByT5Tokenizer(), enc, 512), vae)  # byte tokens: same 512-token cost
+    # byte-level tokens: the same 512-token encoder cost as umT5's own tokenizer
+    return M.Wan(M.CausalWan(tr).eval(), M.TextEncoder(ByT5Tokenizer(), enc, 512), vae).to(DEV)
 
 
 def timed(fn, runs=3):
     """(last result, median seconds) over `runs` after one warm-up, synchronising the device."""
     out, times = fn(), []
     for _ in range(runs):
+        out = None  # free the previous result (a group cache can be tens of GB) before the next run
         sync()
         t0 = time.perf_counter()
         out = fn()
@@ -93,25 +95,31 @@ def bench_generate(frames=21):
     frames = shape[1]
     noise = draw_noise(0, 1, shape, DEV)
 
-    def run(backend):
-        with sdpa_kernel(backend), torch.no_grad():
+    def run(backends):
+        with torch.no_grad():
             t0 = time.perf_counter()
             kv = wan.model.text_kv(wan.text_encoder(["a red fox runs through fresh snow at sunrise"]))
             sync()
             t1 = time.perf_counter()
-            latents = generate(wan.model, kv, noise, new_cache(wan.model, 1, shape, 3, 21, n), 0, n)
+            with sdpa_kernel(backends, set_priority=True):  # the generator's attention only
+                latents = generate(wan.model, kv, noise, new_cache(wan.model, 1, shape, 3, 21, n), 0, n)
             sync()
             t2 = time.perf_counter()
             video = M.decode(wan.vae, latents)
             sync()
             return latents, video, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
-    backends = {"default SDPA": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-                "cuDNN SDPA": [SDPBackend.CUDNN_ATTENTION]} if DEV.type == "cuda" else {"default SDPA": [SDPBackend.MATH]}
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    variants = {"flash SDPA": rest, "cuDNN SDPA": [SDPBackend.CUDNN_ATTENTION] + rest} if DEV.type == "cuda" else \
+        {"math SDPA": [SDPBackend.MATH]}
     flops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, (shape[2] // 2) * (shape[3] // 2))
     rows, ref = [], None
-    for name, backend in backends.items():
-        runs = [run(backend) for _ in range(4)][1:]  # first run warms up
+    for name, backends in variants.items():
+        try:
+            runs = [run(backends) for _ in range(4)][1:]  # first run warms up
+        except RuntimeError as err:  # a backend this GPU or build lacks: report it, go on
+            rows.append(dict(variant=name, error=str(err)[:120]))
+            continue
         text, gen, dec = (statistics.median(r[2][i] for r in runs) for i in range(3))
         latents, video = runs[-1][0], runs[-1][1]
         ref = ref if ref is not None else latents
@@ -177,14 +185,18 @@ def paper_config(*extra):
 
 
 def bench_train(histories=(21, 60, 120, 240)):
+    t0 = time.perf_counter()
     cfg = paper_config()
     ctx = train.build(cfg, real_wan(), real_rewards())
+    print(f"built generator, umT5, HPSv3, VideoAlign in {time.perf_counter() - t0:.0f}s", flush=True)
     rows = []
     for step, s in enumerate((3,) + (histories if not TINY else (3, 6)), 1):  # the first step warms up
         cfg.clip_start = s
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = train.train_step(step, cfg, ctx)
+        print(f"history {s}: {r['step_time']:.1f}s, peak {torch.cuda.max_memory_allocated() / 1e9 if DEV.type == 'cuda' else 0:.1f} GB",
+              flush=True)
         if step > 1:
             rows.append(dict(history_frames=s, peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else 0.0,
                              step_s=r["step_time"], **{k: v for k, v in r.items() if k.startswith("time/")}))
@@ -192,8 +204,8 @@ def bench_train(histories=(21, 60, 120, 240)):
 
 
 def bench_scale_worker(steps=3):
-    """One process of `torchrun bench.py scale-worker`: real-size generator, offline rewards, G = 8 per rank."""
-    cfg = paper_config("--group_size=8", "--micro_batch=4", "--clip_start=9", f"--reward={R.DEFAULT_OFFLINE_SPEC}")
+    """One process of `torchrun bench.py scale-worker`: real-size generator, offline rewards, G = 4 per rank."""
+    cfg = paper_config("--group_size=4", "--micro_batch=4", "--clip_start=9", f"--reward={R.DEFAULT_OFFLINE_SPEC}")
     ctx = train.build(cfg, real_wan())
     times = [train.train_step(s, cfg, ctx)["step_time"] for s in range(1, steps + 1)][1:]
     if ctx.rank == 0:

@@ -32,8 +32,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.frames = []         # absolute frame index of each own slot, in order
         self.prefix = prefix     # None or (k, v, frames): per-layer [1, T, H, D] views of a frozen history
-        self.slot = None         # (first, last + 1) own slot of the block being processed
-        self.prefix_tokens = []  # (start, end) token ranges of the prefix the current block attends to
+        self.pos = None  # where the current block sits: ((first, last + 1) own slot, attended prefix token ranges)
 
     @property
     def capacity(self):
@@ -74,23 +73,25 @@ class KVCache:
                                  f"after frames {self.frames}")
             i = len(self.frames)
             self.frames += list(range(start, start + n))
-        self.slot = (i, i + n)
-        self.prefix_tokens = []
-        if self.prefix is not None:  # contiguous runs of attended prefix frames, as token ranges
-            for j, f in enumerate(self.prefix[2]):
-                if self._in_window(f, lo):
-                    if self.prefix_tokens and self.prefix_tokens[-1][1] == j * self.tpf:
-                        self.prefix_tokens[-1] = (self.prefix_tokens[-1][0], (j + 1) * self.tpf)
-                    else:
-                        self.prefix_tokens.append((j * self.tpf, (j + 1) * self.tpf))
+        ranges = []  # contiguous runs of attended prefix frames, as token ranges
+        for j, f in enumerate(self.prefix[2] if self.prefix is not None else []):
+            if self._in_window(f, lo):
+                if ranges and ranges[-1][1] == j * self.tpf:
+                    ranges[-1] = (ranges[-1][0], (j + 1) * self.tpf)
+                else:
+                    ranges.append((j * self.tpf, (j + 1) * self.tpf))
+        self.pos = ((i, i + n), tuple(ranges))
+        return self.pos
 
-    def attend(self, layer, k, v, store):
-        """Keys/values the current block attends to, given its own k, v [B, tokens, H, D].
+    def attend(self, layer, k, v, store, pos=None):
+        """Keys/values the block at `pos` (default: the current one) attends to, given its k, v [B, tokens, H, D].
 
         store=True writes k, v into the block's slot (rollout); the result is then a view of the
         storage, with no copy when there is no prefix. store=False leaves the cache untouched and
-        appends k, v (the training forward: noisy queries with gradients, clean cached context)."""
-        a, b = (x * self.tpf for x in self.slot)
+        appends k, v (the training forward: noisy queries with gradients, clean cached context).
+        An explicit `pos` lets gradient checkpointing recompute a block after the cache has moved on."""
+        (a, b), prefix_tokens = pos or self.pos
+        a, b = a * self.tpf, b * self.tpf
         if k.shape[1] != b - a:
             raise ValueError(f"block has {k.shape[1]} tokens, cache slot holds {b - a}")
         if store:
@@ -100,11 +101,11 @@ class KVCache:
         else:
             ks = torch.cat([self.k[layer][:, :a], k], dim=1)
             vs = torch.cat([self.v[layer][:, :a], v], dim=1)
-        if self.prefix_tokens:
+        if prefix_tokens:
             pk, pv, _ = self.prefix
             B = ks.shape[0]
-            ks = torch.cat([pk[layer][:, s:e].expand(B, -1, -1, -1) for s, e in self.prefix_tokens] + [ks], dim=1)
-            vs = torch.cat([pv[layer][:, s:e].expand(B, -1, -1, -1) for s, e in self.prefix_tokens] + [vs], dim=1)
+            ks = torch.cat([pk[layer][:, s:e].expand(B, -1, -1, -1) for s, e in prefix_tokens] + [ks], dim=1)
+            vs = torch.cat([pv[layer][:, s:e].expand(B, -1, -1, -1) for s, e in prefix_tokens] + [vs], dim=1)
         return ks, vs
 
     def fork(self, batch, capacity_frames, frames_per_block):
@@ -136,7 +137,7 @@ class KVCache:
         return self
 
     def reset(self):
-        self.frames, self.prefix, self.slot, self.prefix_tokens = [], None, None, []
+        self.frames, self.prefix, self.pos = [], None, None
 
     def bytes_in_use(self):
         """Bytes of K/V held for this batch's own frames (a shared prefix is not counted)."""

@@ -90,7 +90,7 @@ class CausalWan(torch.nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
         return attn.to_out[0](o.transpose(1, 2).flatten(2))
 
-    def _block(self, i, blk, x, e, freqs, text_kv, cache, store):
+    def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):
         shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e.float()).chunk(6, dim=1)
         # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
         a = blk.attn1
@@ -99,7 +99,7 @@ class CausalWan(torch.nn.Module):
         k = self._rotate(self._heads(a.norm_k(a.to_k(h))), freqs)
         v = self._heads(a.to_v(h))
         if cache is not None:
-            k, v = cache.attend(i, k, v, store)
+            k, v = cache.attend(i, k, v, store, pos)
         x = (x.float() + self._attend(a, q, k, v) * gate).type_as(x)
         # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
         c = blk.attn2
@@ -136,11 +136,12 @@ class CausalWan(torch.nn.Module):
         e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
 
         z = tr.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        pos = cache.pos if cache is not None else None  # fixed now: a checkpointed recompute runs later
         for i, blk in enumerate(tr.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, store, use_reentrant=False)
+                z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
             else:
-                z = self._block(i, blk, z, e, freqs, text_kv, cache, store)
+                z = self._block(i, blk, z, e, freqs, text_kv, cache, pos, store)
 
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
