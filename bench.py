@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 import model as M
 import rewards as R
@@ -101,17 +101,19 @@ def bench_generate(frames=21):
             kv = wan.model.text_kv(wan.text_encoder(["a red fox runs through fresh snow at sunrise"]))
             sync()
             t1 = time.perf_counter()
-            with sdpa_kernel(backends, set_priority=True):  # the generator's attention only
+            M.SAMPLING_ATTENTION, default = backends, M.SAMPLING_ATTENTION  # read by CausalWan at each call
+            try:
                 latents = generate(wan.model, kv, noise, new_cache(wan.model, 1, shape, 3, 21, n), 0, n)
+            finally:
+                M.SAMPLING_ATTENTION = default
             sync()
             t2 = time.perf_counter()
             video = M.decode(wan.vae, latents)
             sync()
             return latents, video, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
-    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    variants = {"flash SDPA": rest, "cuDNN SDPA": [SDPBackend.CUDNN_ATTENTION] + rest} if DEV.type == "cuda" else \
-        {"math SDPA": [SDPBackend.MATH]}
+    variants = {"cuDNN SDPA (model.py default)": M.SAMPLING_ATTENTION, "flash SDPA": M.SAMPLING_ATTENTION[1:]} \
+        if DEV.type == "cuda" else {"math SDPA": [SDPBackend.MATH]}
     flops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, (shape[2] // 2) * (shape[3] // 2))
     rows, ref = [], None
     for name, backends in variants.items():
@@ -189,17 +191,18 @@ def bench_train(histories=(21, 60, 120, 240)):
     cfg = paper_config()
     ctx = train.build(cfg, real_wan(), real_rewards())
     print(f"built generator, umT5, HPSv3, VideoAlign in {time.perf_counter() - t0:.0f}s", flush=True)
-    rows = []
-    for step, s in enumerate((3,) + (histories if not TINY else (3, 6)), 1):  # the first step warms up
-        cfg.clip_start = s
+    rows, G = [], cfg.group_size
+    runs = [(3, G)] + [(s, G) for s in (histories if not TINY else (3, 6))] + [(histories[0], 2 * G)]
+    for step, (s, g) in enumerate(runs, 1):  # the first step warms up; the last doubles G: memory must not grow
+        cfg.clip_start, cfg.group_size = s, g
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = train.train_step(step, cfg, ctx)
-        print(f"history {s}: {r['step_time']:.1f}s, peak {torch.cuda.max_memory_allocated() / 1e9 if DEV.type == 'cuda' else 0:.1f} GB",
-              flush=True)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else 0.0
+        print(f"history {s}, G {g}: {r['step_time']:.1f}s, peak {peak:.1f} GB", flush=True)
         if step > 1:
-            rows.append(dict(history_frames=s, peak_gb=torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else 0.0,
-                             step_s=r["step_time"], **{k: v for k, v in r.items() if k.startswith("time/")}))
+            rows.append(dict(history_frames=s, G=g, peak_gb=peak, step_s=r["step_time"],
+                             **{k: v for k, v in r.items() if k.startswith("time/")}))
     return rows
 
 

@@ -120,15 +120,6 @@ class KVCache:
                        frames_per_block, self.k[0].dtype, self.k[0].device,
                        prefix=([k[:, :n] for k in self.k], [v[:, :n] for v in self.v], list(self.frames)))
 
-    def select(self, start, length):
-        """Candidates [start, start + length) as a cache sharing this one's storage (a view)."""
-        out = object.__new__(KVCache)
-        out.__dict__.update(self.__dict__)
-        out.k = [k[start:start + length] for k in self.k]
-        out.v = [v[start:start + length] for v in self.v]
-        out.frames = list(self.frames)
-        return out
-
     def detach_(self):
         self.k, self.v = [k.detach() for k in self.k], [v.detach() for v in self.v]
         if self.prefix is not None:

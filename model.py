@@ -12,8 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -27,6 +30,8 @@ def warp(sigma, shift=5.0):
 
 
 SIGMAS = [warp(s) for s in (1.0, 0.75, 0.5, 0.25)]  # [1.0, 0.9375, 0.8333, 0.625]
+SAMPLING_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
 
 
 def _per_sample(sigma, x):
@@ -87,7 +92,11 @@ class CausalWan(torch.nn.Module):
         return t.unflatten(2, (self.heads, -1))
 
     def _attend(self, attn, q, k, v):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
+        # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
+        # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
+        with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q),
+                                               v.transpose(1, 2).type_as(q))
         return attn.to_out[0](o.transpose(1, 2).flatten(2))
 
     def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):

@@ -67,30 +67,47 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     return out
 
 
+def context_pass(model, text_kv, cache, latents, start, frames_per_block=3):
+    """Run clean latents [B, C, F, h, w] of frames [start, start + F) through the model at t = 0, block by
+    block, writing their K/V into `cache` (blocks already held are overwritten in place)."""
+    dtype, n = model.transformer.patch_embedding.weight.dtype, frames_per_block
+    for b in range(latents.shape[2] // n):
+        cache.begin_block(start + b * n, n)
+        model(latents[:, :, b * n:(b + 1) * n].to(dtype), 0.0, text_kv, cache, start + b * n, store=True)
+
+
 def recache(model, text_kv, cache, latents, first_frame, switch_frame, n):
     """Re-run the held blocks of the last window before `switch_frame` at t = 0 with the new prompt."""
-    dtype = model.transformer.patch_embedding.weight.dtype
     held = set(cache.frames)
     for s in range(switch_frame - n, max(switch_frame - cache.window, 0) - 1, -n)[::-1]:
         if s >= first_frame and all(f in held for f in range(s, s + n)):
-            cache.begin_block(s, n)
-            model(latents[:, :, s - first_frame:s - first_frame + n].to(dtype), 0.0, text_kv, cache, s, store=True)
+            context_pass(model, text_kv, cache, latents[:, :, s - first_frame:s - first_frame + n], s, n)
 
 
 @dataclass
 class Group:
-    """One prompt's group: detached history, G candidate clips and the K/V the training forward needs."""
+    """One prompt's group: the detached history and its cache, and the G candidates' clean clips."""
     history: torch.Tensor  # [1, C, s, h, w] clean latents of the shared history
     clips: torch.Tensor    # [G, C, clip_frames, h, w] clean x0 of each candidate
-    cache: KVCache         # prefix = history K/V (shared view); own = each candidate's clean clip K/V
+    cache: KVCache         # the history's K/V (batch 1): the prefix every candidate attends to
     start: int             # clip start frame s
+
+    @torch.no_grad()
+    def clip_cache(self, model, text_kv, i, b, frames_per_block=3):
+        """The cache candidates [i, i + b) are trained in: the shared history prefix plus their clean clip K/V,
+        which the rollout's context passes wrote and which are recomputed here with the same policy (theta_old)
+        from the same clean blocks. Keeping them for all G would cost G x 3.45 GB at the 1.3B size."""
+        cache = self.cache.fork(b, self.clips.shape[2], frames_per_block)
+        context_pass(model, text_kv, cache, self.clips[i:i + b], self.start, frames_per_block)
+        return cache
 
 
 @torch.no_grad()
 def group_rollout(model, text_kv, history_noise, clip_noise, sink_frames, window_frames, frames_per_block=3,
                   micro_batch=None):
     """Paper Eq. 3: generate the history once, freeze its cache as a shared prefix, then decode the
-    G candidate clips of clip_noise [G, steps, C, clip_frames, h, w] from it in micro-batches."""
+    G candidate clips of clip_noise [G, steps, C, clip_frames, h, w] from it in micro-batches.
+    Everything returned is detached; Group.clip_cache gives the training forward its cache."""
     G, _, C, clip_frames, h, w = clip_noise.shape
     s = history_noise.shape[3]
     if history_noise.shape[0] != 1:
@@ -100,15 +117,14 @@ def group_rollout(model, text_kv, history_noise, clip_noise, sink_frames, window
     if clip_frames > window_frames:
         raise ValueError(f"clip_frames={clip_frames} exceeds window_frames={window_frames}: the clip's own "
                          f"blocks would leave the window it is trained in")
-    latent_shape = (C, s, h, w)
-    history_cache = new_cache(model, 1, latent_shape, sink_frames, window_frames, frames_per_block)
+    history_cache = new_cache(model, 1, (C, s, h, w), sink_frames, window_frames, frames_per_block)
     history = generate(model, text_kv, history_noise, history_cache, 0, frames_per_block)
-    cache = history_cache.fork(G, clip_frames, frames_per_block)
     clips = torch.empty(G, C, clip_frames, h, w, device=clip_noise.device)
     m = micro_batch or G
-    for i in range(0, G, m):
-        clips[i:i + m] = generate(model, text_kv, clip_noise[i:i + m], cache.select(i, m), s, frames_per_block)
-    return Group(history, clips, cache.detach_(), s)
+    for i in range(0, G, m):  # each micro-batch appends to its own buffers after the shared (viewed) prefix
+        cache = history_cache.fork(min(m, G - i), clip_frames, frames_per_block)
+        clips[i:i + m] = generate(model, text_kv, clip_noise[i:i + m], cache, s, frames_per_block)
+    return Group(history, clips, history_cache.detach_(), s)
 
 
 def clip_velocity(model, x_t, sigma, text_kv, cache, start, frames_per_block=3):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model as M
+import policy as policy_mod
 import rewards
 import train
 from kv_cache import KVCache
@@ -421,7 +422,7 @@ def test_train_forward_matches_rollout_velocity(wan):
     """At theta = theta_old, the training forward on the x_t the sampler saw at step k returns the
     sampler's own velocity, for every block of the clip (same attention layout)."""
     w = copy.deepcopy(wan)
-    policy = train.Policy(train.parse_config(["--lora_rank=4", "--lora_alpha=4"]), w, 1)
+    policy = policy_mod.Policy(train.parse_config(["--lora_rank=4", "--lora_alpha=4"]), w, 1)
     with torch.no_grad():  # make theta = theta_old non-trivial: LoRA B starts at zero
         for p_default, p_old in zip(policy.params("default"), policy.params("old")):
             p_default.normal_(0, 0.05)
@@ -441,47 +442,51 @@ def test_train_forward_matches_rollout_velocity(wan):
     del old.forward
     assert [s for s, _, _ in seen] == [3, 6]
     x_t = torch.cat([x for _, x, _ in seen], dim=2)
+    cache = g.clip_cache(old, kv, 0, 2)  # the clean clip K/V, recomputed as the trainer does
     policy.net("default")
-    v = train.ClipForward(policy.model, N)(w.text_encoder(["a red car"]), x_t, torch.full((2,), M.SIGMAS[k]), g.cache, 3)
+    v = policy_mod.ClipForward(policy.model, N)(w.text_encoder(["a red car"]), x_t, torch.full((2,), M.SIGMAS[k]), cache, 3)
     torch.testing.assert_close(v, torch.cat([v for _, _, v in seen], dim=2), atol=1e-5, rtol=0)
 
 
 def test_history_gets_no_gradient_clip_parameters_do(wan):
     w = copy.deepcopy(wan)
-    policy = train.Policy(train.parse_config([]), w, 1)
+    policy = policy_mod.Policy(train.parse_config([]), w, 1)
     with torch.enable_grad():
         old = policy.net("old")
-        g = group_rollout(old, old.text_kv(w.text_encoder(["a cat"])), draw_noise(1, 1, (16, 6, 8, 8)),
-                          draw_noise(2, 2, (16, 3, 8, 8)), 3, 9)
-    assert all(t.grad_fn is None and not t.requires_grad for t in g.cache.prefix[0] + g.cache.prefix[1] + [g.history])
+        kv = old.text_kv(w.text_encoder(["a cat"]))
+        g = group_rollout(old, kv, draw_noise(1, 1, (16, 6, 8, 8)), draw_noise(2, 2, (16, 3, 8, 8)), 3, 9)
+        cache = g.clip_cache(old, kv, 0, 2)
+    history_kv = g.cache.k + g.cache.v
+    assert all(t.grad_fn is None and not t.requires_grad for t in history_kv + cache.k + cache.v + [g.history])
     policy.net("default")
     with torch.no_grad():
         for p in policy.params("default"):
             p.normal_(0, 0.05)  # LoRA B = 0 would zero the A gradients
-    v = train.ClipForward(policy.model, N)(w.text_encoder(["a cat"]), torch.randn(2, 16, 3, 8, 8),
-                                           torch.tensor([0.9, 0.6]), g.cache, 6)
+    v = policy_mod.ClipForward(policy.model, N)(w.text_encoder(["a cat"]), torch.randn(2, 16, 3, 8, 8),
+                                                torch.tensor([0.9, 0.6]), cache, 6)
     v.square().mean().backward()
     grads = [p.grad for p in policy.params("default")]
     assert all(gr is not None for gr in grads) and all(gr.abs().sum() > 0 for gr in grads)
     assert all(p.grad is None for p in policy.params("old") + policy.params("ref"))
-    assert all(t.grad is None for t in g.cache.prefix[0] + g.cache.prefix[1])
+    assert all(t.grad is None for t in history_kv + cache.prefix[0] + cache.prefix[1])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(wan):
     """The backward recompute of block b must see block b's cache view, not the last block's."""
     w = copy.deepcopy(wan)
-    policy = train.Policy(train.parse_config([]), w, 1)
+    policy = policy_mod.Policy(train.parse_config([]), w, 1)
     with torch.no_grad():
         for p in policy.params("default"):
             p.normal_(0, 0.05)
     old = policy.net("old")
-    g = group_rollout(old, old.text_kv(w.text_encoder(["a cat"])), draw_noise(1, 1, (16, 6, 8, 8)),
-                      draw_noise(2, 2, (16, 9, 8, 8)), 3, 9)
+    kv = old.text_kv(w.text_encoder(["a cat"]))
+    g = group_rollout(old, kv, draw_noise(1, 1, (16, 6, 8, 8)), draw_noise(2, 2, (16, 9, 8, 8)), 3, 9)
+    cache = g.clip_cache(old, kv, 0, 2)
     x_t, grads = torch.randn(2, 16, 9, 8, 8), []
     for ckpt in (False, True):
         policy.net("default")
         w.model.gradient_checkpointing = ckpt
-        v = train.ClipForward(w.model, N)(w.text_encoder(["a cat"]), x_t, torch.tensor([0.9, 0.6]), g.cache, 6)
+        v = policy_mod.ClipForward(w.model, N)(w.text_encoder(["a cat"]), x_t, torch.tensor([0.9, 0.6]), cache, 6)
         grads.append(torch.autograd.grad(v.square().mean(), policy.params("default")))
     w.model.gradient_checkpointing = False
     for a, b in zip(*grads):

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 import loss as L
 import model as M
+from policy import ClipForward, Policy, full_tensor, load_checkpoint, save_checkpoint
 from rewards import DEFAULT_OFFLINE_SPEC, build_reward
 from rollout import SIGMAS, clip_velocity, draw_noise, generate, group_rollout, new_cache
 
@@ -153,70 +153,6 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-class Policy:
-    """theta (trainable), theta_old (rollout policy, EMA of theta) and theta_ref (KL anchor) on one frozen
-    base: LoRA adapters `default`, `old`, `ref` (peft, r = alpha on every Linear of the transformer blocks),
-    or, with lora_rank=0, three full copies (FSDP2-sharded under torchrun)."""
-
-    NAMES = ("default", "old", "ref")
-
-    def __init__(self, cfg, wan, world):
-        from peft import LoraConfig
-        self.model, self.lora = wan.model, cfg.lora_rank > 0
-        tr = self.model.transformer
-        self.model.gradient_checkpointing = cfg.gradient_checkpointing
-        if self.lora:
-            tr.requires_grad_(False)
-            targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
-            self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
-            for name in self.NAMES:
-                tr.add_adapter(self.lora_config, adapter_name=name)
-            self.nets = dict.fromkeys(self.NAMES, self.model)
-        else:
-            import copy
-            self.nets = {"default": self.model, "old": copy.deepcopy(self.model), "ref": copy.deepcopy(self.model)}
-            for name, net in self.nets.items():
-                net.requires_grad_(name == "default")
-                if world > 1:  # FSDP2: parameters sharded at rest, gathered for each call
-                    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-                    fully_shard(net)
-                    register_fsdp_forward_method(net, "text_kv")
-        for name in ("old", "ref"):
-            L.copy_(self.params(name), self.params("default"))
-        self.net("default")
-
-    def named(self, name):
-        """(checkpoint key, tensor) of one policy, in a fixed order shared by the three."""
-        if not self.lora:
-            return list(self.nets[name].transformer.named_parameters())
-        tag = f".{name}.weight"
-        return [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
-
-    def params(self, name):
-        return [p for _, p in self.named(name)]
-
-    def net(self, name):
-        """The CausalWan computing policy `name` (switching the active LoRA adapter)."""
-        if self.lora:
-            self.model.transformer.set_adapter(name)
-            for n in self.NAMES:  # peft makes the active adapter trainable; only theta ever is
-                for p in self.params(n):
-                    p.requires_grad_(n == "default")
-        return self.nets[name]
-
-
-class ClipForward(torch.nn.Module):
-    """theta's training forward as one module call, so DDP sees one forward per backward."""
-
-    def __init__(self, model, frames_per_block):
-        super().__init__()
-        self.model, self.n = model, frames_per_block
-
-    def forward(self, text, x_t, sigma, cache, start):
-        return clip_velocity(self.model, x_t, sigma, self.model.text_kv(text), cache, start, self.n)
-
-
 def all_sum(*xs):
     t = torch.tensor([float(x) for x in xs], dtype=torch.float64)
     if dist.is_initialized():
@@ -242,12 +178,13 @@ def train_step(step, cfg, ctx):
             text = ctx.wan.text_encoder([prompt])
             hist = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 0), 1, ctx.wan.latent_shape(s), dev)
             clip = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
-            groups.append((prompt, text, group_rollout(old, old.text_kv(text), hist, clip, cfg.sink_frames,
-                                                       cfg.window_frames, n, m)))
+            kv_old = old.text_kv(text)  # theta_old's text K/V: used again for its clip caches below
+            groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
+                                                               cfg.window_frames, n, m)))
     times["rollout"] = time.perf_counter() - t0
     # 3. decode each candidate clip and score it
     scores = []
-    for prompt, _, g in groups:
+    for prompt, _, _, g in groups:
         t1 = time.perf_counter()
         frames = torch.cat([M.decode(ctx.wan.vae, g.clips[i:i + m]) for i in range(0, G, m)])
         t2 = time.perf_counter()
@@ -264,14 +201,15 @@ def train_step(step, cfg, ctx):
     micro = [(j, i) for j in range(P) for i in range(0, G, m)]
     policy_loss, kl_sum = 0.0, 0.0
     for k, (j, i) in enumerate(micro):
-        _, text, g = groups[j]
+        _, text, kv_old, g = groups[j]
         b = min(m, G - i)
-        sl, cache, x0 = slice(j * G + i, j * G + i + b), g.cache.select(i, b), g.clips[i:i + b]
+        sl, x0 = slice(j * G + i, j * G + i + b), g.clips[i:i + b]
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
         x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
         with torch.no_grad(), autocast(dev):
             net = ctx.policy.net("old")
-            x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
+            cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
+            x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
             x0_ref = None
             if mask[sl].any():  # the reference forward runs only where the KL applies
                 net = ctx.policy.net("ref")
@@ -331,73 +269,6 @@ def evaluate(step, cfg, ctx):
     keys = ["composite"] + list(ctx.reward_fn.names)
     sums = all_sum(*(totals.get(k, 0.0) for k in keys))
     return {f"eval/{k}": v / len(ctx.eval_prompts) for k, v in zip(keys, sums)}
-
-
-def _full(t):
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
-
-
-def save_checkpoint(step, cfg, ctx):
-    """Atomic: written under a temporary name, renamed, then `latest` is switched (also atomically).
-    A crash at any point leaves the previous checkpoint whole and `latest` pointing at it."""
-    import shutil
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    tensors = {name: {k: _full(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}  # collective (FSDP)
-    optim = get_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if ctx.rank != 0:
-        return
-    final = os.path.join(cfg.out_dir, f"ckpt-{step:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = {"default": "adapter_model.safetensors" if ctx.policy.lora else "transformer.safetensors",
-             "old": "old.safetensors", "ref": "ref.safetensors"}
-    for name, file in files.items():
-        save_file(tensors[name], os.path.join(tmp, file))
-    if ctx.policy.lora:  # peft's adapter format: sample.py --lora and peft can read it
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-            json.dump(ctx.policy.lora_config.to_dict(), f, default=sorted, indent=1)
-    torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(cfg.out_dir, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(os.path.join(cfg.out_dir, "latest.tmp"), os.path.join(cfg.out_dir, "latest"))
-    for d in os.listdir(cfg.out_dir):  # keep only the newest checkpoint
-        if d.startswith("ckpt-") and d != os.path.basename(final):
-            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
-
-
-def load_checkpoint(cfg, ctx):
-    """Resume from out_dir/latest; returns the step it was saved at. Strict: names and shapes must match."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    pointer = os.path.join(cfg.out_dir, "latest")
-    if not os.path.isfile(pointer):
-        raise SystemExit(f"error: --resume but {pointer} does not exist")
-    with open(pointer) as f:
-        path = os.path.join(cfg.out_dir, f.read().strip())
-    files = {"default": "adapter_model.safetensors" if ctx.policy.lora else "transformer.safetensors",
-             "old": "old.safetensors", "ref": "ref.safetensors"}
-    with torch.no_grad():
-        for name, file in files.items():
-            saved, mine = load_file(os.path.join(path, file)), dict(ctx.policy.named(name))
-            bad = sorted(set(saved) ^ set(mine)) + [k for k in mine if k in saved and saved[k].shape != _full(mine[k]).shape]
-            if bad:
-                raise SystemExit(f"error: {path}/{file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
-            for k, p in mine.items():
-                full = saved[k].to(p.dtype)
-                p.copy_(torch.distributed.tensor.distribute_tensor(full, p.device_mesh, p.placements)
-                        if hasattr(p, "device_mesh") else full.to(p.device))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
-    set_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    ctx.ctrl.load_state_dict(state["controller"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
 
 
 def report(path):
@@ -475,7 +346,7 @@ def main(argv):
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(step, cfg, ctx)
     # every rank must end with the same theta: check it rather than assume it
-    checksum = sum(float(_full(p).double().sum()) for p in ctx.policy.params("default"))
+    checksum = sum(float(full_tensor(p).double().sum()) for p in ctx.policy.params("default"))
     print(f"rank {ctx.rank} trainable checksum {checksum:.12e}")
     sums = all_sum(checksum, checksum ** 2)
     if abs(sums[1] / ctx.world - (sums[0] / ctx.world) ** 2) > 1e-9 * max(1.0, checksum ** 2):

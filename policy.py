@@ -1,0 +1,147 @@
+"""theta, theta_old and theta_ref (paper Algorithm 1) and their checkpoints.
+
+LoRA (the default): three peft adapters `default` (theta, trainable), `old` (the rollout policy, an EMA of
+theta) and `ref` (the KL anchor) on one frozen base, r = alpha on every Linear of the transformer blocks.
+Full fine-tuning (lora_rank=0): three copies, sharded with FSDP2 under torchrun. loss.ema_ / loss.copy_
+update `old` and `ref` through the parameter lists this module hands out.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+import loss as L
+from rollout import clip_velocity
+
+
+class Policy:
+    """The three policies of one generator; net(name) returns the CausalWan computing `name`."""
+
+    NAMES = ("default", "old", "ref")
+
+    def __init__(self, cfg, wan, world):
+        from peft import LoraConfig
+        self.model, self.lora = wan.model, cfg.lora_rank > 0
+        tr = self.model.transformer
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        if self.lora:
+            tr.requires_grad_(False)
+            targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
+            self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
+            for name in self.NAMES:
+                tr.add_adapter(self.lora_config, adapter_name=name)
+            self.nets = dict.fromkeys(self.NAMES, self.model)
+        else:
+            import copy
+            self.nets = {"default": self.model, "old": copy.deepcopy(self.model), "ref": copy.deepcopy(self.model)}
+            for name, net in self.nets.items():
+                net.requires_grad_(name == "default")
+                if world > 1:  # FSDP2: parameters sharded at rest, gathered for each call
+                    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+                    fully_shard(net)
+                    register_fsdp_forward_method(net, "text_kv")
+        for name in ("old", "ref"):
+            L.copy_(self.params(name), self.params("default"))
+        self.net("default")
+
+    def named(self, name):
+        """(checkpoint key, tensor) of one policy, in a fixed order shared by the three."""
+        if not self.lora:
+            return list(self.nets[name].transformer.named_parameters())
+        tag = f".{name}.weight"
+        return [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
+
+    def params(self, name):
+        return [p for _, p in self.named(name)]
+
+    def net(self, name):
+        """The CausalWan computing policy `name` (switching the active LoRA adapter)."""
+        if self.lora:
+            self.model.transformer.set_adapter(name)
+            for n in self.NAMES:  # peft makes the active adapter trainable; only theta ever is
+                for p in self.params(n):
+                    p.requires_grad_(n == "default")
+        return self.nets[name]
+
+
+class ClipForward(torch.nn.Module):
+    """theta's training forward as one module call, so DDP sees one forward per backward."""
+
+    def __init__(self, model, frames_per_block):
+        super().__init__()
+        self.model, self.n = model, frames_per_block
+
+    def forward(self, text, x_t, sigma, cache, start):
+        return clip_velocity(self.model, x_t, sigma, self.model.text_kv(text), cache, start, self.n)
+
+
+def _files(policy):
+    return {"default": "adapter_model.safetensors" if policy.lora else "transformer.safetensors",
+            "old": "old.safetensors", "ref": "ref.safetensors"}
+
+
+def full_tensor(t):
+    """A plain CPU tensor from a parameter, gathering it first if FSDP2 shards it (collective)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
+
+
+def save_checkpoint(step, cfg, ctx):
+    """Atomic: written under a temporary name, renamed, then `latest` is switched (also atomically).
+    A crash at any point leaves the previous checkpoint whole and `latest` pointing at it."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    tensors = {name: {k: full_tensor(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}  # collective (FSDP)
+    optim = get_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if ctx.rank != 0:
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, file in _files(ctx.policy).items():
+        save_file(tensors[name], os.path.join(tmp, file))
+    if ctx.policy.lora:  # peft's adapter format: sample.py --lora and peft can read it
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(ctx.policy.lora_config.to_dict(), f, default=sorted, indent=1)
+    torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
+                "rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(cfg.out_dir, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(cfg.out_dir, "latest.tmp"), os.path.join(cfg.out_dir, "latest"))
+    for d in os.listdir(cfg.out_dir):  # keep only the newest checkpoint
+        if d.startswith("ckpt-") and d != os.path.basename(final):
+            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+
+
+def load_checkpoint(cfg, ctx):
+    """Resume from out_dir/latest; returns the step it was saved at. Strict: names and shapes must match."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    pointer = os.path.join(cfg.out_dir, "latest")
+    if not os.path.isfile(pointer):
+        raise SystemExit(f"error: --resume but {pointer} does not exist")
+    with open(pointer) as f:
+        path = os.path.join(cfg.out_dir, f.read().strip())
+    with torch.no_grad():
+        for name, file in _files(ctx.policy).items():
+            saved, mine = load_file(os.path.join(path, file)), dict(ctx.policy.named(name))
+            bad = sorted(set(saved) ^ set(mine)) + [k for k in mine if k in saved and saved[k].shape != full_tensor(mine[k]).shape]
+            if bad:
+                raise SystemExit(f"error: {path}/{file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
+            for k, p in mine.items():
+                full = saved[k].to(p.dtype)
+                p.copy_(torch.distributed.tensor.distribute_tensor(full, p.device_mesh, p.placements)
+                        if hasattr(p, "device_mesh") else full.to(p.device))
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+    set_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    ctx.ctrl.load_state_dict(state["controller"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
