@@ -1,18 +1,13 @@
-"""Causal Wan2.1 generator: diffusers' WanTransformer3DModel run block by block with a KV cache.
-
-We reuse every submodule and weight of diffusers' model and re-run its block forward with what a
-streaming generator needs (DESIGN.md section 3): absolute RoPE frame positions (so cached keys keep
-the position they were generated at), self-attention that reads and writes a sink + window cache
-(kv_cache.py), cross-attention K/V computed once per prompt, and one timestep per call.
-Also here: the warped 4-step schedule, umT5 text encoding, VAE decoding, checkpoint loaders
-(diffusers folders and the original-Wan layout shipped by Self-Forcing, Causal-Forcing and
-LongLive), and the `tiny` configuration the tests and the CPU demo run on.
-"""
+"""Causal Wan2.1 generator: diffusers' WanTransformer3DModel, its submodules and weights, run block by
+block with what streaming needs (DESIGN.md section 3): absolute RoPE frame positions (cached keys keep the
+position they were generated at), self-attention over a sink + window cache (kv_cache.py), cross-attention
+K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding, VAE
+decoding, loaders (diffusers folders; the original-Wan layout of Self-Forcing, Causal-Forcing, LongLive)
+and the `tiny` configuration the tests and the CPU demo run on."""
+import contextlib
 import os
 import re
 from dataclasses import dataclass
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +195,7 @@ class Wan:
     def latent_shape(self, frames):
         return (self.model.transformer.config.in_channels, frames, self.height // 8, self.width // 8)
 
-    def to(self, device, dtype=None):
+    def to(self, device):
         self.model.to(device)
         self.text_encoder.encoder.to(device)
         self.vae.to(device)
@@ -225,18 +220,6 @@ def load_tiny(seed=0, text_len=32):
     encoder = UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
     vae = AutoencoderKLWan(**TINY_VAE).eval()
     return Wan(CausalWan(transformer).eval(), TextEncoder(ByT5Tokenizer(), encoder, text_len), vae, 64, 64)
-
-
-def load_diffusers(path, dtype=torch.bfloat16, transformer=None):
-    """Wan2.1-T2V in diffusers layout (e.g. Wan2.1-T2V-1.3B-Diffusers): transformer, umT5, VAE."""
-    from transformers import AutoTokenizer
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no diffusers model folder at {path}")
-    transformer = transformer or WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
-    encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).eval()
-    return Wan(CausalWan(transformer).eval(), TextEncoder(tokenizer, encoder, 512), vae)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,19 +321,6 @@ def load_trained(transformer, path):
     raise FileNotFoundError(f"{path} holds neither adapter_config.json nor transformer.safetensors")
 
 
-def save_video(frames, path, fps=16):
-    """frames [F, 3, H, W] in [0, 1] -> mp4, written to a temporary name and renamed (never half-written)."""
-    import imageio
-    arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        imageio.mimwrite(tmp, arr, fps=fps, format="FFMPEG", macro_block_size=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
     """The generator a user asks for: tiny (model=None), a diffusers folder, optionally with an
     original-layout checkpoint (Self-Forcing, Causal-Forcing, LongLive base) and a LongLive LoRA."""
@@ -358,6 +328,7 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
         if checkpoint or lora:
             raise ValueError("a checkpoint or LoRA needs --model, the diffusers Wan2.1 folder it builds on")
         return load_tiny()
+    from transformers import AutoTokenizer
     if not os.path.isdir(model):
         raise FileNotFoundError(f"no diffusers model folder at {model}")
     transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
@@ -365,4 +336,7 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
         load_wan_state_dict(transformer, read_checkpoint(checkpoint, checkpoint_key), checkpoint)
     if lora:
         merge_lora(transformer, read_checkpoint(lora), lora_alpha, lora)
-    return load_diffusers(model, dtype, transformer)
+    encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval()
+    return Wan(CausalWan(transformer).eval(), TextEncoder(tokenizer, encoder, 512), vae)

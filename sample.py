@@ -8,6 +8,7 @@ import argparse
 import os
 import time
 
+import imageio
 import torch
 
 import model as M
@@ -28,6 +29,18 @@ p.add_argument("--window", type=int, default=21, help="most recent frames attend
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out", default="video.mp4")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_video(frames, path, fps=16):
+    """frames [F, 3, H, W] in [0, 1] -> mp4, written to a temporary name and renamed (never half-written)."""
+    arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        imageio.mimwrite(tmp, arr, fps=fps, format="FFMPEG", macro_block_size=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def check_args(a):
@@ -67,7 +80,7 @@ def main(argv=None):
     if a.device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    M.save_video(frames, a.out)
+    save_video(frames, a.out)
     print(f"wrote {a.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[3]} in {dt:.2f}s "
           f"({frames.shape[0] / dt:.1f} FPS, decode included)")
 

@@ -23,6 +23,7 @@ import model as M
 from policy import ClipForward, Policy, full_tensor, load_checkpoint, save_checkpoint
 from rewards import DEFAULT_OFFLINE_SPEC, build_reward
 from rollout import SIGMAS, clip_velocity, draw_noise, generate, group_rollout, new_cache
+from sample import save_video
 
 
 @dataclass
@@ -231,7 +232,7 @@ def train_step(step, cfg, ctx):
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
     L.ema_(ctx.policy.params("old"), params, cfg.gamma)
-    kl_total, masked_total, _ = all_sum(kl_sum, n_masked, 0)
+    kl_total, masked_total = all_sum(kl_sum, n_masked)
     kl = kl_total / max(masked_total, 1)
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
@@ -265,7 +266,7 @@ def evaluate(step, cfg, ctx):
         frames = M.decode(ctx.wan.vae, latents)
         for k, v in ctx.reward_fn(frames, [prompt]).items():
             totals[k] = totals.get(k, 0.0) + float(v.sum())
-        M.save_video(frames[0], os.path.join(cfg.out_dir, "samples", f"step{step:05d}_prompt{i}.mp4"))
+        save_video(frames[0], os.path.join(cfg.out_dir, "samples", f"step{step:05d}_prompt{i}.mp4"))
     keys = ["composite"] + list(ctx.reward_fn.names)
     sums = all_sum(*(totals.get(k, 0.0) for k in keys))
     return {f"eval/{k}": v / len(ctx.eval_prompts) for k, v in zip(keys, sums)}
@@ -340,7 +341,7 @@ def main(argv):
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, ctx)
             row.update(last_eval)
-        if log and (step % cfg.log_every == 0 or last_eval is not None):
+        if log and (step % cfg.log_every == 0 or "eval/composite" in row):
             log.write(json.dumps(row) + "\n")
             log.flush()
         if step % cfg.save_every == 0 or step == cfg.steps:
