@@ -158,11 +158,13 @@ def bench_group(G=8, clip=12, history=18):
 
 
 def real_rewards():
-    """HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B) at full size, random weights, byte-level tokenizer
+    """HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B) at full size, random weights, a byte-level tokenizer
     (so the vocabulary, hence the embedding, is smaller than the real 151k rows: about 1.6 GB less)."""
     if TINY:
         return R.build_reward(R.DEFAULT_OFFLINE_SPEC)
-    tok = R.byte_tokenizer()
+    from transformers import ByT5Tokenizer
+    tok = ByT5Tokenizer()
+    tok.add_tokens(R.SPECIALS, special_tokens=True)
     with torch.device(DEV):
         head7 = nn.Sequential(nn.Linear(3584, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(),
                               nn.Linear(16, 2))

@@ -183,22 +183,9 @@ class VideoAlign(QwenReward):
         return (raw[:, k] - self.norm[f"{axis}_mean"]) / self.norm[f"{axis}_std"]
 
 
+# Special tokens of Qwen2-VL's chat format and of both reward heads (a tokenizer must know all of them).
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>", "<|Reward|>", "<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]
-
-
-def byte_tokenizer():
-    """A tokenizer with every special token both reward models use and no files to download: byte-level
-    BPE without merges. For tests and random-weight benchmarks; real checkpoints bring their own."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>")
-    fast.add_tokens(SPECIALS, special_tokens=True)
-    return fast
 
 
 # ------------------------------------------------------------------------------------ checkpoints

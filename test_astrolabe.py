@@ -866,7 +866,15 @@ NORM = {"VQ_mean": 0.3, "VQ_std": 2.0, "MQ_mean": -0.2, "MQ_std": 0.5, "TA_mean"
 
 
 def make_tokenizer():
-    fast = rewards.byte_tokenizer()
+    """Byte-level BPE without merges plus the special tokens: a Qwen2-VL-compatible tokenizer, no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>")
+    fast.add_tokens(SPECIALS, special_tokens=True)
     fast.chat_template = QWEN2VL_TEMPLATE
     return fast
 

@@ -273,16 +273,21 @@ def evaluate(step, cfg, ctx):
 
 
 def report(path):
-    """JSONL log -> PNG of the reward curves (train composite per step, eval means)."""
+    """JSONL log -> PNG: the composite (training mean over 10 steps, held-out evaluations) and each held-out reward."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(path)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in sorted({k for r in rows for k in r if k.startswith(("reward/", "eval/"))}):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, label=key)
-    ax.set_xlabel("step"), ax.set_ylabel("reward"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
+    series = lambda key: list(zip(*[(r["step"], r[key]) for r in rows if key in r])) or [(), ()]  # noqa: E731
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps, comp = series("reward/composite")
+    left.plot(steps, [sum(comp[max(0, i - 9):i + 1]) / len(comp[max(0, i - 9):i + 1]) for i in range(len(comp))],
+              label="training (10-step mean)")
+    left.plot(*series("eval/composite"), marker="o", label="held-out prompts")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k != "eval/composite"}):
+        right.plot(*series(key), marker="o", label=key[5:])
+    for ax, title in ((left, "composite reward"), (right, "held-out rewards")):
+        ax.set_title(title), ax.set_xlabel("step"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     print(f"wrote {out}")
