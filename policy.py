@@ -51,7 +51,10 @@ class Policy:
     def named(self, name):
         """(checkpoint key, tensor) of one policy, in a fixed order shared by the three."""
         if not self.lora:
-            return list(self.nets[name].transformer.named_parameters())
+            net = self.nets[name]
+            if hasattr(net, "reshard"):  # FSDP2 leaves a root's parameters gathered after a forward
+                net.reshard()
+            return list(net.transformer.named_parameters())
         tag = f".{name}.weight"
         return [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
 

@@ -551,11 +551,12 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert read_ckpt(out)[1]["step"] == 2
 
 
-def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("lora_rank", [8, 0])  # LoRA under DDP; full fine-tuning under FSDP2
+def test_two_process_torchrun_ends_with_identical_weights(tmp_path, lora_rank):
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "train.py",
-           *FAST, "--steps=2", f"--out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29517 + lora_rank}",
+           "train.py", *FAST, "--steps=2", "--eval_every=2", f"--lora_rank={lora_rank}", f"--out_dir={tmp_path}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     sums = sorted(line.split()[1:] for line in res.stdout.splitlines() if "trainable checksum" in line)

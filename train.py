@@ -212,7 +212,9 @@ def train_step(step, cfg, ctx):
             cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
             x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
             x0_ref = None
-            if mask[sl].any():  # the reference forward runs only where the KL applies
+            # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every
+            # forward a collective, so then all ranks decide together
+            if (mask[sl].any() if ctx.policy.lora else all_sum(float(mask[sl].any()))[0] > 0):
                 net = ctx.policy.net("ref")
                 x0_ref = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
         ctx.policy.net("default")
@@ -257,12 +259,15 @@ def evaluate(step, cfg, ctx):
     net, n = ctx.policy.net("default"), cfg.frames_per_block
     shape, totals = ctx.wan.latent_shape(cfg.eval_frames), {}
     os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-    for i in range(ctx.rank, len(ctx.eval_prompts), ctx.world):
-        prompt = ctx.eval_prompts[i]
+    count = len(ctx.eval_prompts)
+    for i in range(ctx.rank, -(-count // ctx.world) * ctx.world, ctx.world):  # equal work on every rank (FSDP2)
+        prompt = ctx.eval_prompts[i % count]
         with autocast(ctx.device):
             cache = new_cache(net, 1, shape, cfg.sink_frames, cfg.window_frames, n)
             latents = generate(net, net.text_kv(ctx.wan.text_encoder([prompt])),
                                draw_noise(seed_of(cfg.seed, i), 1, shape, ctx.device), cache, 0, n)
+        if i >= count:  # padding: generated only to keep the ranks in step
+            continue
         frames = M.decode(ctx.wan.vae, latents)
         for k, v in ctx.reward_fn(frames, [prompt]).items():
             totals[k] = totals.get(k, 0.0) + float(v.sum())
