@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend
 
+import config
 import model as M
 import rewards as R
 import train
@@ -183,8 +184,8 @@ def paper_config(*extra):
             "--eval_every=0", "--group_size=3", "--micro_batch=3"]
     if TINY:
         base = ["--eval_every=0", "--group_size=2", "--micro_batch=2", "--clip_frames=3"]
-    cfg = train.parse_config(base + list(extra))
-    train.check_config(cfg)
+    cfg = config.parse_config(base + list(extra))
+    config.check_config(cfg)
     return cfg
 
 

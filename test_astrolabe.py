@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import config
 import model as M
 import policy as policy_mod
 import rewards
@@ -422,7 +423,7 @@ def test_train_forward_matches_rollout_velocity(wan):
     """At theta = theta_old, the training forward on the x_t the sampler saw at step k returns the
     sampler's own velocity, for every block of the clip (same attention layout)."""
     w = copy.deepcopy(wan)
-    policy = policy_mod.Policy(train.parse_config(["--lora_rank=4", "--lora_alpha=4"]), w, 1)
+    policy = policy_mod.Policy(config.parse_config(["--lora_rank=4", "--lora_alpha=4"]), w, 1)
     with torch.no_grad():  # make theta = theta_old non-trivial: LoRA B starts at zero
         for p_default, p_old in zip(policy.params("default"), policy.params("old")):
             p_default.normal_(0, 0.05)
@@ -450,7 +451,7 @@ def test_train_forward_matches_rollout_velocity(wan):
 
 def test_history_gets_no_gradient_clip_parameters_do(wan):
     w = copy.deepcopy(wan)
-    policy = policy_mod.Policy(train.parse_config([]), w, 1)
+    policy = policy_mod.Policy(config.parse_config([]), w, 1)
     with torch.enable_grad():
         old = policy.net("old")
         kv = old.text_kv(w.text_encoder(["a cat"]))
@@ -474,7 +475,7 @@ def test_history_gets_no_gradient_clip_parameters_do(wan):
 def test_gradient_checkpointing_gives_the_same_gradients(wan):
     """The backward recompute of block b must see block b's cache view, not the last block's."""
     w = copy.deepcopy(wan)
-    policy = policy_mod.Policy(train.parse_config([]), w, 1)
+    policy = policy_mod.Policy(config.parse_config([]), w, 1)
     with torch.no_grad():
         for p in policy.params("default"):
             p.normal_(0, 0.05)
