@@ -238,7 +238,7 @@ def main(argv):
             save_checkpoint(step, cfg, ctx)
     # every rank must end with the same theta: check it rather than assume it
     checksum = sum(float(full_tensor(p).double().sum()) for p in ctx.policy.params("default"))
-    print(f"rank {ctx.rank} trainable checksum {checksum:.12e}")
+    print(f"rank {ctx.rank} trainable checksum {checksum:.12e}", flush=True)
     sums = all_sum(checksum, checksum ** 2)
     if abs(sums[1] / ctx.world - (sums[0] / ctx.world) ** 2) > 1e-9 * max(1.0, checksum ** 2):
         raise RuntimeError("ranks ended with different trainable weights")
