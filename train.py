@@ -245,7 +245,8 @@ def main(argv):
     if ctx.rank == 0 and first_eval and last_eval:
         print(f"held-out composite reward: {first_eval['eval/composite']:.4f} (start) -> "
               f"{last_eval['eval/composite']:.4f} (step {cfg.steps})")
-    if ctx.world > 1:
+    if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock
+        del ctx.train_net
         dist.destroy_process_group()
 
 
