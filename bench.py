@@ -167,9 +167,7 @@ def real_rewards():
     tok = ByT5Tokenizer()
     tok.add_tokens(R.SPECIALS, special_tokens=True)
     with torch.device(DEV):
-        head7 = nn.Sequential(nn.Linear(3584, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(),
-                              nn.Linear(16, 2))
-        hps = R.HPSv3(R.qwen2vl_config(3584, 18944, 28, 4, len(tok)), head7, tok, (200704, 200704), dtype=DT)
+        hps = R.HPSv3(R.qwen2vl_config(3584, 18944, 28, 4, len(tok)), R.hpsv3_head(3584), tok, (200704, 200704), dtype=DT)
         va = R.VideoAlign(R.qwen2vl_config(1536, 8960, 12, 2, len(tok)), nn.Linear(1536, 3, bias=False, dtype=DT), tok,
                           (128 * 28 * 28, 200704), {f"{a}_{s}": float(s == "std") for a in ("VQ", "MQ", "TA")
                                                     for s in ("mean", "std")})

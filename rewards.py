@@ -235,6 +235,11 @@ def build_strict(cls, config, head_fn, tokenizer, sd, source, device, **kw):
     return model.eval().requires_grad_(False)
 
 
+def hpsv3_head(d, dtype=None):
+    """hpsv3/train.py's head on the hidden size d, kept in fp32 whatever the backbone's dtype."""
+    return nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
 def load_hpsv3(path, device="cpu", tokenizer="Qwen/Qwen2-VL-7B-Instruct", config=None, pixels=(200704, 200704)):
     """HPSv3.safetensors (MizzenAI/HPSv3; 4.45 keys visual.*, model.*, lm_head, rm_head.{0,3,5}); tokenizer:
     Qwen2-VL's (a name, folder or object) plus <|Reward|> (hpsv3/train.py)."""
@@ -245,9 +250,7 @@ def load_hpsv3(path, device="cpu", tokenizer="Qwen/Qwen2-VL-7B-Instruct", config
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         tokenizer.add_tokens(["<|Reward|>"], special_tokens=True)
-    head = lambda d, dtype: nn.Sequential(nn.Linear(d, 1024), nn.ReLU(), nn.Dropout(0.05), nn.Linear(1024, 16),
-                                          nn.ReLU(), nn.Linear(16, 2))  # hpsv3/train.py, kept in fp32
-    return build_strict(HPSv3, config, head, tokenizer, sd, path, device, pixels=pixels)
+    return build_strict(HPSv3, config, hpsv3_head, tokenizer, sd, path, device, pixels=pixels)
 
 
 def load_videoalign(folder, device="cpu", tokenizer=None, base=None, config=None):

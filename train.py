@@ -77,10 +77,16 @@ def train_step(step, cfg, ctx):
     A, r = L.advantages(rewards["composite"], G, cfg.a_max)
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
     # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
-    t3, N, n_masked = time.perf_counter(), P * G, int(mask.sum())
+    t3, N, mask_host = time.perf_counter(), P * G, mask.cpu()  # one transfer: the loop below branches on it
+    n_masked = int(mask_host.sum())
     noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank, 2))
     micro = [(j, i) for j in range(P) for i in range(0, G, m)]
-    policy_loss, kl_sum = 0.0, 0.0
+    # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every forward a
+    # collective, so then all ranks decide together (one all-reduce per step)
+    need_ref = [bool(mask_host[j * G + i:j * G + i + m].any()) for j, i in micro]
+    if not ctx.policy.lora:
+        need_ref = [x > 0 for x in all_sum(*need_ref)]
+    policy_loss = kl_sum = torch.zeros((), device=dev)  # accumulated on the device: no host sync per micro-batch
     for k, (j, i) in enumerate(micro):
         _, text, kv_old, g = groups[j]
         b = min(m, G - i)
@@ -92,9 +98,7 @@ def train_step(step, cfg, ctx):
             cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
             x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
             x0_ref = None
-            # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every
-            # forward a collective, so then all ranks decide together
-            if (mask[sl].any() if ctx.policy.lora else all_sum(float(mask[sl].any()))[0] > 0):
+            if need_ref[k]:
                 net = ctx.policy.net("ref")
                 x0_ref = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
         ctx.policy.net("default")
@@ -105,9 +109,9 @@ def train_step(step, cfg, ctx):
             loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=N)
             if x0_ref is not None:
                 loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, n_masked)
-                kl_sum += float((x0_theta.detach() - x0_ref).square().flatten(1).mean(1)[mask[sl]].sum())
+                kl_sum = kl_sum + ((x0_theta.detach() - x0_ref).square().flatten(1).mean(1) * mask[sl]).sum()
             loss.backward()
-        policy_loss += float(loss.detach())
+        policy_loss = policy_loss + loss.detach()
     # 6-8. optimizer step, EMA of theta_old, dynamic reference
     params = ctx.policy.params("default")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
