@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend
 
 import config
 import model as M
+import vae as V
 import rewards as R
 import train
 from rollout import draw_noise, generate, group_rollout, new_cache
@@ -109,7 +110,7 @@ def bench_generate(frames=21):
                 M.SAMPLING_ATTENTION = default
             sync()
             t2 = time.perf_counter()
-            video = M.decode(wan.vae, latents)
+            video = V.decode(wan.vae, latents)
             sync()
             return latents, video, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 

@@ -1,8 +1,8 @@
 """Causal Wan2.1 generator: diffusers' WanTransformer3DModel, its submodules and weights, run block by
 block with what streaming needs (DESIGN.md section 3): absolute RoPE frame positions (cached keys keep the
 position they were generated at), self-attention over a sink + window cache (kv_cache.py), cross-attention
-K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding, VAE
-decoding, loaders (diffusers folders; the original-Wan layout of Self-Forcing, Causal-Forcing, LongLive)
+K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding,
+loaders (diffusers folders; the original-Wan layout of Self-Forcing, Causal-Forcing, LongLive)
 and the `tiny` configuration the tests and the CPU demo run on."""
 import contextlib
 import os
@@ -39,10 +39,63 @@ def to_x0(x_t, v, sigma):
     return x_t.float() - _per_sample(sigma, x_t) * v.float()
 
 
+def sinusoid(t, dim):
+    """Timestep features [B, dim] = [cos, sin] of t * 10000^(-i / (dim / 2)), angles in float64 as in Wan's
+    and Self-Forcing's `sinusoidal_embedding_1d` (diffusers' Timesteps uses float32: up to 4e-5 off at t = 1000)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[:, None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
 def add_noise(x0, noise, sigma):
     """x_t = (1 - sigma) x0 + sigma noise (the rectified-flow forward process)."""
     sigma = _per_sample(sigma, x0)
     return (1 - sigma) * x0.float() + sigma * noise.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# One transformer block in three stages around its two attentions (diffusers' WanTransformerBlock order:
+# adaLN-modulated self-attention, cross-attention, modulated feed-forward; the modulations in fp32).
+def rotate(x, freqs):
+    """RoPE on [B, T, H, D]: channel pairs rotated as complex numbers, in fp32; freqs = (cos, sin) [T, 1, D/2]."""
+    cos, sin = freqs
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def attend(q, k, v):
+    """Multi-head attention over [B, T, H, D] tensors -> [B, T, H * D]."""
+    # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
+    # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
+    with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
+    return o.transpose(1, 2).flatten(2)
+
+
+def self_qkv(blk, x, shift, scale, freqs, heads):
+    a = blk.attn1
+    h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+    q = rotate(a.norm_q(a.to_q(h)).unflatten(2, (heads, -1)), freqs)
+    k = rotate(a.norm_k(a.to_k(h)).unflatten(2, (heads, -1)), freqs)
+    return q, k, a.to_v(h).unflatten(2, (heads, -1))
+
+
+def cross_q(blk, x, o, gate, heads):
+    """Self-attention output and gated residual; then the cross-attention query."""
+    x = (x.float() + blk.attn1.to_out[0](o) * gate).type_as(x)
+    c = blk.attn2
+    return x, c.norm_q(c.to_q(blk.norm2(x.float()).type_as(x))).unflatten(2, (heads, -1))
+
+
+def feed_forward(blk, x, o, shift, scale, gate):
+    """Cross-attention output and residual; then the modulated feed-forward and its gated residual."""
+    x = x + blk.attn2.to_out[0](o)
+    h = (blk.norm3(x.float()) * (1 + scale) + shift).type_as(x)
+    return (x.float() + blk.ffn(h).float() * gate).type_as(x)
+
+
+BLOCK_STAGES = (self_qkv, cross_q, feed_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,6 +107,7 @@ class CausalWan(torch.nn.Module):
         self.heads, self.patch = cfg.num_attention_heads, tuple(cfg.patch_size)
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
+        self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -70,48 +124,33 @@ class CausalWan(torch.nn.Module):
         t = self.rope_t[start:start + f].view(f, 1, 1, -1).expand(f, h, w, -1)
         hh = self.rope_h[:h].view(1, h, 1, -1).expand(f, h, w, -1)
         ww = self.rope_w[:w].view(1, 1, w, -1).expand(f, h, w, -1)
-        return torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, 1, -1)
-
-    @staticmethod
-    def _rotate(x, freqs):
-        return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2).type_as(x)
+        freqs = torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, 1, -1)
+        return freqs.real.contiguous(), freqs.imag.contiguous()  # (cos, sin): real arithmetic compiles
 
     def text_kv(self, text):
         """Cross-attention K/V of every layer for umT5 embeddings [B, L, text_dim]: once per prompt."""
         ce = self.transformer.condition_embedder
         ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
-        return [(self._heads(b.attn2.norm_k(b.attn2.to_k(ctx))), self._heads(b.attn2.to_v(ctx)))
-                for b in self.transformer.blocks]
+        return [(b.attn2.norm_k(b.attn2.to_k(ctx)).unflatten(2, (self.heads, -1)),
+                 b.attn2.to_v(ctx).unflatten(2, (self.heads, -1))) for b in self.transformer.blocks]
 
-    def _heads(self, t):
-        return t.unflatten(2, (self.heads, -1))
-
-    def _attend(self, attn, q, k, v):
-        # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
-        # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
-        with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q),
-                                               v.transpose(1, 2).type_as(q))
-        return attn.to_out[0](o.transpose(1, 2).flatten(2))
+    def compile_blocks(self):
+        """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
+        the norms, the adaLN modulation, RoPE and the gated residuals around the matmuls; shapes are fixed
+        per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager."""
+        self.stages = tuple(torch.compile(f, dynamic=False) for f in BLOCK_STAGES)
+        return self
 
     def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):
         shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e.float()).chunk(6, dim=1)
         # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
-        a = blk.attn1
-        h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        q = self._rotate(self._heads(a.norm_q(a.to_q(h))), freqs)
-        k = self._rotate(self._heads(a.norm_k(a.to_k(h))), freqs)
-        v = self._heads(a.to_v(h))
+        q, k, v = self.stages[0](blk, x, shift, scale, freqs, self.heads)
         if cache is not None:
             k, v = cache.attend(i, k, v, store, pos)
-        x = (x.float() + self._attend(a, q, k, v) * gate).type_as(x)
         # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
-        c = blk.attn2
-        h = blk.norm2(x.float()).type_as(x)
-        x = x + self._attend(c, self._heads(c.norm_q(c.to_q(h))), *text_kv[i])
+        x, q = self.stages[1](blk, x, attend(q, k, v), gate, self.heads)
         # 3. feed-forward
-        h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
+        return self.stages[2](blk, x, attend(q, *text_kv[i]), c_shift, c_scale, c_gate)
 
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
@@ -133,14 +172,20 @@ class CausalWan(torch.nn.Module):
         text_kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in text_kv]
 
         ce = tr.condition_embedder
-        t = timestep.float().reshape(-1).expand(B) if torch.is_tensor(timestep) else \
+        if torch.is_tensor(timestep) and timestep.numel() not in (1, B):
+            raise ValueError(f"timestep must be a float or hold 1 or B={B} values (one per sample, shared by "
+                             f"all frames of the call), got shape {tuple(timestep.shape)}")
+        t = timestep.reshape(-1).expand(B) if torch.is_tensor(timestep) else \
             torch.full((B,), float(timestep), device=x.device)  # a fill, not a host-to-device copy
         dtype = tr.patch_embedding.weight.dtype
-        temb = ce.time_embedder(ce.timesteps_proj(t).to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
+        temb = ce.time_embedder(sinusoid(t, tr.config.freq_dim).to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
         e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
 
         z = tr.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         pos = cache.pos if cache is not None else None  # fixed now: a checkpointed recompute runs later
+        if cache is not None and cache.frames[pos[0][0]] != start_frame:
+            raise ValueError(f"start_frame={start_frame} but the cache is positioned at frame "
+                             f"{cache.frames[pos[0][0]]} (begin_block): RoPE and cache would disagree")
         for i, blk in enumerate(tr.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
@@ -170,17 +215,6 @@ class TextEncoder:
         mask = tok.attention_mask.to(dev)
         out = self.encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state
         return out * mask.unsqueeze(-1).to(out.dtype)
-
-
-@torch.no_grad()
-def decode(vae: AutoencoderKLWan, latents):
-    """Latents [B, C, F, h, w] -> frames [B, 1 + 4 (F - 1), 3, H, W] in [0, 1] (the reward format)."""
-    cfg = vae.config
-    shape = (1, cfg.z_dim, 1, 1, 1)
-    mean = torch.tensor(cfg.latents_mean, device=latents.device).view(shape)
-    std = torch.tensor(cfg.latents_std, device=latents.device).view(shape)
-    video = vae.decode((latents.float() * std + mean).to(vae.dtype)).sample  # [B, 3, T, H, W] in [-1, 1]
-    return ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
 
 @dataclass
@@ -338,5 +372,5 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
         merge_lora(transformer, read_checkpoint(lora), lora_alpha, lora)
     encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=dtype).eval()  # bf16 on GPU as in Self-Forcing
     return Wan(CausalWan(transformer).eval(), TextEncoder(tokenizer, encoder, 512), vae)

@@ -34,13 +34,15 @@ def new_cache(model, batch, latent_shape, sink_frames, window_frames, frames_per
 
 @torch.no_grad()
 def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, switches=(), latents=None,
-             progress=False):
+             progress=False, on_block=None, cache_last_block=True):
     """Generate noise.shape[3] latent frames from `start_frame` on, block by block, into `cache`.
 
     switches: [(frame, text_kv)]: from that frame on use the new prompt; at the switch the text
     K/V change and the frames of the last window are re-run at t = 0 with the new prompt to
     rewrite their cached K/V (LongLive's KV re-cache). `latents` holds earlier frames
     [B, C, start_frame, h, w] when the re-cache reaches back before this call.
+    on_block(x0): called with each block's clean latents as soon as they exist (progressive decoding).
+    cache_last_block=False skips the last block's context pass when nothing will attend to it (sampling).
     Returns clean latents [B, C, F, h, w] in fp32."""
     B, S, C, F, h, w = noise.shape
     n = frames_per_block
@@ -62,8 +64,11 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
             x0 = to_x0(x, v, sigma)
             if k + 1 < len(SIGMAS):
                 x = add_noise(x0, noise[:, k + 1, :, b * n:(b + 1) * n], SIGMAS[k + 1])
-        model(x0.to(dtype), 0.0, text_kv, cache, s, store=True)  # context pass: clean K/V into the cache
+        if cache_last_block or b + 1 < F // n:
+            model(x0.to(dtype), 0.0, text_kv, cache, s, store=True)  # context pass: clean K/V into the cache
         out[:, :, b * n:(b + 1) * n] = x0
+        if on_block is not None:
+            on_block(x0)
     return out
 
 

@@ -12,6 +12,7 @@ import imageio
 import torch
 
 import model as M
+import vae as V
 from rollout import draw_noise, generate, new_cache
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,18 +30,40 @@ p.add_argument("--window", type=int, default=21, help="most recent frames attend
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--out", default="video.mp4")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--fast", type=int, default=1, help="on GPU: compiled block stages (1, default) or the plain eager path (0)")
+
+
+class VideoFile:
+    """An mp4 written frame by frame as blocks are decoded, under a temporary name renamed when complete:
+    memory stays bounded by a block, and a crash never leaves a half-written file at `path`."""
+
+    def __init__(self, path, fps=16):
+        self.path = path
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self.writer = imageio.get_writer(self.tmp, fps=fps, format="FFMPEG", macro_block_size=1)
+        self.frames = 0
+
+    def write(self, frames):
+        """frames [F, 3, H, W] in [0, 1]"""
+        for f in (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+            self.writer.append_data(f)
+        self.frames += frames.shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):
+        self.writer.close()
+        if error is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 def save_video(frames, path, fps=16):
-    """frames [F, 3, H, W] in [0, 1] -> mp4, written to a temporary name and renamed (never half-written)."""
-    arr = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        imageio.mimwrite(tmp, arr, fps=fps, format="FFMPEG", macro_block_size=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """frames [F, 3, H, W] in [0, 1] -> mp4, never half-written."""
+    with VideoFile(path, fps) as video:
+        video.write(frames)
 
 
 def check_args(a):
@@ -64,25 +87,39 @@ def check_args(a):
 def main(argv=None):
     a = p.parse_args(argv)
     prompts, switches = check_args(a)
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+    cuda = a.device.startswith("cuda")
+    wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=torch.bfloat16 if cuda else torch.float32)
     if a.lora:
         M.load_trained(wan.model.transformer, a.lora)
     wan.to(a.device)
-    m = wan.model
-    kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
-    shape = wan.latent_shape(a.frames)
-    cache = new_cache(m, 1, shape, a.sink, a.window, a.frames_per_block)
+    m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda and a.fast:  # compiled block stages (model.compile_blocks), paid once per process: a one-block dry run
+        t0 = time.perf_counter()
+        m.compile_blocks()
+        block = wan.latent_shape(n)
+        generate(m, m.text_kv(wan.text_encoder([prompts[0]])), draw_noise(a.seed, 1, block, a.device),
+                 new_cache(m, 1, block, a.sink, a.window, n), 0, n)
+        V.decode(wan.vae, torch.randn(1, *block, device=a.device))
+        sync()
+        print(f"compile and warm-up: {time.perf_counter() - t0:.1f}s (once per process)")
     t0 = time.perf_counter()
-    latents = generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), cache, 0, a.frames_per_block,
-                       switches=list(zip(switches, kvs[1:])), progress=True)
-    frames = M.decode(wan.vae, latents)[0]
-    if a.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    save_video(frames, a.out)
-    print(f"wrote {a.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[3]} in {dt:.2f}s "
-          f"({frames.shape[0] / dt:.1f} FPS, decode included)")
+    first = []
+    with VideoFile(a.out) as video:
+        kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
+        decoder = V.Decoder(wan.vae)
+
+        def on_block(x0):  # progressive: each block is decoded and written as soon as it is generated
+            video.write(decoder(x0)[0])
+            if not first:
+                first.append(time.perf_counter() - t0)
+
+        generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), new_cache(m, 1, shape, a.sink, a.window, n), 0, n,
+                 switches=list(zip(switches, kvs[1:])), progress=True, on_block=on_block, cache_last_block=False)
+        sync()
+        dt = time.perf_counter() - t0
+    print(f"wrote {a.out}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
+          f"({video.frames / dt:.1f} FPS, text encoding and decoding included; first frames after {first[0]:.2f}s)")
 
 
 if __name__ == "__main__":

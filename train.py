@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import loss as L
 import model as M
+import vae as V
 from config import check_config, parse_config, read_prompts
 from policy import ClipForward, Policy, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
@@ -63,11 +64,13 @@ def train_step(step, cfg, ctx):
             groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
                                                                cfg.window_frames, n, m)))
     times["rollout"] = time.perf_counter() - t0
-    # 3. decode each candidate clip and score it
+    # 3. decode each candidate clip as the window of its video (the decoder state after the history, shared by
+    # the group like the KV prefix; vae.py) and score it: 4 F pixel frames for s > 0, 1 + 4 (F - 1) for s = 0
     scores = []
     for prompt, _, _, g in groups:
         t1 = time.perf_counter()
-        frames = torch.cat([M.decode(ctx.wan.vae, g.clips[i:i + m]) for i in range(0, G, m)])
+        dec = V.history_decoder(ctx.wan.vae, g.history)
+        frames = torch.cat([dec.fork(min(m, G - i))(g.clips[i:i + m]) for i in range(0, G, m)])
         t2 = time.perf_counter()
         scores.append(ctx.reward_fn(frames, [prompt] * G))
         times["decode"] = times.get("decode", 0) + t2 - t1
@@ -152,7 +155,7 @@ def evaluate(step, cfg, ctx):
                                draw_noise(seed_of(cfg.seed, i), 1, shape, ctx.device), cache, 0, n)
         if i >= count:  # padding: generated only to keep the ranks in step
             continue
-        frames = M.decode(ctx.wan.vae, latents)
+        frames = V.decode(ctx.wan.vae, latents)
         for k, v in ctx.reward_fn(frames, [prompt]).items():
             totals[k] = totals.get(k, 0.0) + float(v.sum())
         save_video(frames[0], os.path.join(cfg.out_dir, "samples", f"step{step:05d}_prompt{i}.mp4"))
