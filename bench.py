@@ -34,6 +34,7 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 TINY = "--tiny" in sys.argv
+OUT_DIR = os.environ.get("BENCH_OUT", "out/bench")  # generated: JSON tables and profiles (ignored by git)
 DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
 
@@ -91,46 +92,175 @@ def transformer_flops(cfg, frames, tpf, n=3, steps=5, window=21, sink=3):
     return total
 
 
-def bench_generate(frames=21):
-    wan = real_wan()
-    shape, n = wan.latent_shape(3 if TINY else frames), 3
-    frames = shape[1]
-    noise = draw_noise(0, 1, shape, DEV)
+PEERS = [  # published end-to-end figures, 81 frames at 480x832 on one H100, the same 1.3B Wan model
+    dict(variant="Self-Forcing (published, H100)", fps_end_to_end=17.0, first_frame_s=0.69),
+    dict(variant="LongLive (published, H100)", fps_end_to_end=20.7),
+    dict(variant="Reward Forcing (published, H100)", fps_end_to_end=23.1),
+]
+PROMPT = "a red fox runs through fresh snow at sunrise"
 
-    def run(backends):
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            kv = wan.model.text_kv(wan.text_encoder(["a red fox runs through fresh snow at sunrise"]))
-            sync()
-            t1 = time.perf_counter()
-            M.SAMPLING_ATTENTION, default = backends, M.SAMPLING_ATTENTION  # read by CausalWan at each call
-            try:
-                latents = generate(wan.model, kv, noise, new_cache(wan.model, 1, shape, 3, 21, n), 0, n)
-            finally:
-                M.SAMPLING_ATTENTION = default
-            sync()
-            t2 = time.perf_counter()
-            video = V.decode(wan.vae, latents)
-            sync()
-            return latents, video, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
-    variants = {"cuDNN SDPA (model.py default)": M.SAMPLING_ATTENTION, "flash SDPA": M.SAMPLING_ATTENTION[1:]} \
-        if DEV.type == "cuda" else {"math SDPA": [SDPBackend.MATH]}
-    flops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, (shape[2] // 2) * (shape[3] // 2))
-    rows, ref = [], None
-    for name, backends in variants.items():
+def attention_backends(backends):
+    """Context: model.py's sampling attention backends for the duration (read at every call)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        default, M.SAMPLING_ATTENTION = M.SAMPLING_ATTENTION, backends
         try:
-            runs = [run(backends) for _ in range(4)][1:]  # first run warms up
-        except RuntimeError as err:  # a backend this GPU or build lacks: report it, go on
-            rows.append(dict(variant=name, error=str(err)[:120]))
+            yield
+        finally:
+            M.SAMPLING_ATTENTION = default
+    return ctx()
+
+
+def kernel_table(prof, top=12):
+    """Per-kernel GPU time of a profile: (rows, GPU-busy ms) with each kernel's category and share."""
+    cats = [("attention", "fmha|flash|sdpa|attention|cudnn"), ("matmul", "gemm|nvjet|cutlass|xmma|sm90|mma"),
+            ("conv", "conv|implicit"), ("copy/layout", "copy|cat|pad|transpose|permute|memcpy|memset|fill"),
+            ("norm/elementwise", ".")]
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    out = []
+    for e in sorted(events, key=lambda e: -e.self_device_time_total):
+        cat = next(c for c, pat in cats if __import__("re").search(pat, e.key, __import__("re").I))
+        out.append(dict(kernel=e.key[:70], category=cat, calls=e.count, ms=e.self_device_time_total / 1e3,
+                        share=e.self_device_time_total / total))
+    by_cat = {}
+    for r in out:
+        by_cat[r["category"]] = by_cat.get(r["category"], 0) + r["share"]
+    return out[:top], total / 1e3, by_cat
+
+
+def profile(fn):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    sync()
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    wall = (time.perf_counter() - t0) * 1e3
+    rows, busy, by_cat = kernel_table(prof)
+    print(f"  GPU busy {busy:.0f} ms of {wall:.0f} ms wall (profiler on); by category: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])), flush=True)
+    show(rows)
+    return dict(busy_ms=busy, wall_ms=wall, by_category=by_cat, kernels=rows)
+
+
+def bench_generate(frames=21):
+    """81 frames from text, end to end: the generator's and the decoder's fast paths against the eager
+    reference (errors printed), per-kernel profiles, then progressive decoding: FPS and time to first frame."""
+    from torch.utils.flop_counter import FlopCounterMode
+    wan = real_wan()
+    m, vae, n = wan.model, wan.vae, 3
+    shape = wan.latent_shape(6 if TINY else frames)
+    frames, tpf = shape[1], (shape[2] // 2) * (shape[3] // 2)
+    noise = draw_noise(0, 1, shape, DEV)
+    gflops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, tpf)
+    rows, report = [], {}
+    kv = m.text_kv(wan.text_encoder([PROMPT]))
+
+    def gen():
+        return generate(m, kv, noise, new_cache(m, 1, shape, 3, 21, n), 0, n, cache_last_block=False)
+
+    def add(row):
+        rows.append(row)
+        print({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    # 1. generator: eager (cuDNN, flash attention), then the compiled block stages
+    ref = None
+    for name, backends in [("eager, cuDNN attention (reference)", M.SAMPLING_ATTENTION),
+                           ("eager, flash attention", M.SAMPLING_ATTENTION[1:])]:
+        if DEV.type != "cuda" and ref is not None:
             continue
-        text, gen, dec = (statistics.median(r[2][i] for r in runs) for i in range(3))
-        latents, video = runs[-1][0], runs[-1][1]
-        ref = ref if ref is not None else latents
-        pix = video.shape[1]
-        rows.append(dict(variant=name, pixel_frames=pix, text_s=text, generate_s=gen, decode_s=dec,
-                         fps_end_to_end=pix / (text + gen + dec), fps_generator=pix / gen,
-                         transformer_tflops=flops / gen / 1e12, rel_err_vs_default=rel_err(latents, ref)))
+        with torch.no_grad(), attention_backends(backends):
+            latents, t = timed(gen, 3)
+        ref = latents if ref is None else ref
+        add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12,
+                 ceiling=gflops / t / 805e12, rel_err=rel_err(latents, ref)))
+    with torch.no_grad():
+        print("profile: one eager generation", flush=True)
+        report["profile_generator_eager"] = profile(gen)
+        t0 = time.perf_counter()
+        m.compile_blocks()
+        gen()
+        sync()
+        compile_s = time.perf_counter() - t0
+        latents, t = timed(gen, 3)
+        from torch._dynamo.utils import counters
+        add(dict(part="generator", variant="compiled block stages (sample.py default on GPU)", seconds=t,
+                 tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12, rel_err=rel_err(latents, ref),
+                 compile_s=compile_s, graphs=counters["stats"]["unique_graphs"]))
+        print("profile: one compiled generation", flush=True)
+        report["profile_generator_compiled"] = profile(gen)
+        # 2. decoder: diffusers' one-shot decode (reference), streaming, channels_last_3d, compiled steady chunks
+        with FlopCounterMode(display=False) as fc:
+            V.decode(vae, ref[:, :, :4])
+        dflops = fc.get_total_flops() / (1 + 4 * 3) * (1 + 4 * (frames - 1))  # per pixel frame, scaled up
+        cfg = vae.config
+        std, mean = (torch.tensor(x, device=DEV).view(1, -1, 1, 1, 1) for x in (cfg.latents_std, cfg.latents_mean))
+        one_shot = lambda: ((vae.decode((ref * std + mean).to(vae.dtype)).sample.float().clamp(-1, 1) + 1) / 2)  # noqa
+        pixels, t = timed(one_shot, 2)
+        pixels = pixels.permute(0, 2, 1, 3, 4)
+        add(dict(part="decode", variant="diffusers AutoencoderKLWan.decode (reference)", seconds=t,
+                 tflops=dflops / t / 1e12, ceiling=dflops / t / 805e12, max_abs_err=0.0))
+        for name, chunk, fast in [("streaming, 1 latent frame a call", 1, None), ("streaming, chunks of 4", 4, None),
+                                  ("+ channels_last_3d", 4, False), ("+ compiled steady chunks (default on GPU)", 4, True)]:
+            if fast is not None:
+                t0 = time.perf_counter()
+                V.speed_up(vae, compile=fast)
+                V.Decoder(vae, chunk)(ref)
+                sync()
+                compile_s = time.perf_counter() - t0
+            out, t = timed(lambda: V.Decoder(vae, chunk)(ref), 2)
+            add(dict(part="decode", variant=name, seconds=t, tflops=dflops / t / 1e12, ceiling=dflops / t / 805e12,
+                     max_abs_err=float((out - pixels).abs().max()), **({"compile_s": compile_s} if fast else {})))
+        print("profile: one compiled streaming decode", flush=True)
+        report["profile_decode"] = profile(lambda: V.Decoder(vae, 4)(ref))
+
+        # 3. end to end, text encoding included: decode after generation, progressive, progressive on a side stream
+        def end_to_end(mode):
+            start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            end, side = torch.cuda.Event(enable_timing=True), torch.cuda.Stream() if DEV.type == "cuda" else None
+            t0 = time.perf_counter()
+            start.record()
+            text_kv = m.text_kv(wan.text_encoder([PROMPT]))
+            dec, out = V.Decoder(vae, 4), []
+
+            def on_block(x0):
+                if mode == "side stream":
+                    side.wait_stream(torch.cuda.current_stream())
+                    x0.record_stream(side)
+                    with torch.cuda.stream(side):
+                        out.append((dec(x0) * 255).round().to(torch.uint8))
+                        len(out) == 1 and first.record(side)
+                else:
+                    out.append((dec(x0) * 255).round().to(torch.uint8).cpu())  # sample.py writes each block
+                    len(out) == 1 and first.record()
+            latents = generate(m, text_kv, noise, new_cache(m, 1, shape, 3, 21, n), 0, n, cache_last_block=False,
+                               on_block=None if mode == "decode after" else on_block)
+            if mode == "decode after":
+                on_block(latents)
+            torch.cuda.current_stream().wait_stream(side)
+            end.record()
+            video = torch.cat([o.to(DEV) for o in out], 1)
+            sync()
+            return video, time.perf_counter() - t0, start.elapsed_time(first) / 1e3
+        if DEV.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            for mode in ("decode after", "progressive", "side stream"):
+                runs = [end_to_end(mode) for _ in range(4)][1:]
+                t, ttff = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+                err = float((runs[-1][0].float() / 255 - pixels).abs().max())
+                add(dict(part="end to end", variant=f"fast paths, {mode}", seconds=t, fps_end_to_end=(1 + 4 * (frames - 1)) / t,
+                         first_frame_s=ttff, max_abs_err=err, peak_gb=torch.cuda.max_memory_allocated() / 1e9))
+    for peer in PEERS:
+        add(dict(part="end to end", **peer))
+    report["rows"] = rows
+    os.makedirs(OUT_DIR, exist_ok=True)
+    with open(os.path.join(OUT_DIR, "generate_profile.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
     return rows
 
 
@@ -214,7 +344,7 @@ def bench_scale_worker(steps=3):
     ctx = train.build(cfg, real_wan())
     times = [train.train_step(s, cfg, ctx)["step_time"] for s in range(1, steps + 1)][1:]
     if ctx.rank == 0:
-        with open("bench_scale_worker.json", "w") as f:
+        with open(os.path.join(OUT_DIR, "bench_scale_worker.json"), "w") as f:
             json.dump(dict(gpus=ctx.world, step_s=statistics.median(times),
                            candidates_per_s=ctx.world * cfg.prompts_per_rank * cfg.group_size / statistics.median(times)), f)
 
@@ -226,7 +356,7 @@ def bench_scaling(gpus=(1, 2, 4)):
             continue
         subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "bench.py",
                         "scale-worker"] + (["--tiny"] if TINY else []), check=True)
-        with open("bench_scale_worker.json") as f:
+        with open(os.path.join(OUT_DIR, "bench_scale_worker.json")) as f:
             rows.append(json.load(f))
     for r in rows:
         r["efficiency"] = r["candidates_per_s"] / (rows[0]["candidates_per_s"] * r["gpus"])
@@ -253,5 +383,6 @@ if __name__ == "__main__":
         device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"
         print(f"\n{args[0]} on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
         show(result)
-        with open(f"bench_{args[0]}.json", "w") as f:
+        os.makedirs(OUT_DIR, exist_ok=True)
+        with open(os.path.join(OUT_DIR, f"bench_{args[0]}.json"), "w") as f:
             json.dump(dict(device=device, date=time.strftime("%Y-%m-%d"), rows=result), f, indent=1)
