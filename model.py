@@ -66,10 +66,7 @@ def rotate(x, freqs):
 
 def attend(q, k, v):
     """Multi-head attention over [B, T, H, D] tensors -> [B, T, H * D]."""
-    # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
-    # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
-    with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
     return o.transpose(1, 2).flatten(2)
 
 
@@ -134,11 +131,11 @@ class CausalWan(torch.nn.Module):
         return [(b.attn2.norm_k(b.attn2.to_k(ctx)).unflatten(2, (self.heads, -1)),
                  b.attn2.to_v(ctx).unflatten(2, (self.heads, -1))) for b in self.transformer.blocks]
 
-    def compile_blocks(self):
+    def compile_blocks(self, mode=None):
         """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
         the norms, the adaLN modulation, RoPE and the gated residuals around the matmuls; shapes are fixed
         per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager."""
-        self.stages = tuple(torch.compile(f, dynamic=False) for f in BLOCK_STAGES)
+        self.stages = tuple(torch.compile(f, dynamic=False, mode=mode) for f in BLOCK_STAGES)
         return self
 
     def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):
@@ -186,11 +183,14 @@ class CausalWan(torch.nn.Module):
         if cache is not None and cache.frames[pos[0][0]] != start_frame:
             raise ValueError(f"start_frame={start_frame} but the cache is positioned at frame "
                              f"{cache.frames[pos[0][0]]} (begin_block): RoPE and cache would disagree")
-        for i, blk in enumerate(tr.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
-            else:
-                z = self._block(i, blk, z, e, freqs, text_kv, cache, pos, store)
+        # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
+        # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
+        with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
+            for i, blk in enumerate(tr.blocks):
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
+                else:
+                    z = self._block(i, blk, z, e, freqs, text_kv, cache, pos, store)
 
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))

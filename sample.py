@@ -94,13 +94,14 @@ def main(argv=None):
     wan.to(a.device)
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda and a.fast:  # compiled block stages (model.compile_blocks), paid once per process: a one-block dry run
+    if cuda and a.fast:  # compiled block stages and decoder (model.compile_blocks, vae.speed_up): dry runs compile
         t0 = time.perf_counter()
         m.compile_blocks()
+        V.speed_up(wan.vae)
         block = wan.latent_shape(n)
         generate(m, m.text_kv(wan.text_encoder([prompts[0]])), draw_noise(a.seed, 1, block, a.device),
                  new_cache(m, 1, block, a.sink, a.window, n), 0, n)
-        V.decode(wan.vae, torch.randn(1, *block, device=a.device))
+        V.decode(wan.vae, torch.randn(1, *wan.latent_shape(1 + 2 * V.Decoder(wan.vae).chunk), device=a.device))
         sync()
         print(f"compile and warm-up: {time.perf_counter() - t0:.1f}s (once per process)")
     t0 = time.perf_counter()
@@ -110,9 +111,10 @@ def main(argv=None):
         decoder = V.Decoder(wan.vae)
 
         def on_block(x0):  # progressive: each block is decoded and written as soon as it is generated
-            video.write(decoder(x0)[0])
-            if not first:
-                first.append(time.perf_counter() - t0)
+            for part in (x0[:, :, :1], x0[:, :, 1:]) if decoder.frames == 0 else (x0,):  # first frame out at once
+                video.write(decoder(part)[0])
+                if not first:
+                    first.append(time.perf_counter() - t0)
 
         generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), new_cache(m, 1, shape, a.sink, a.window, n), 0, n,
                  switches=list(zip(switches, kvs[1:])), progress=True, on_block=on_block, cache_last_block=False)
