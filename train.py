@@ -92,6 +92,7 @@ def train_step(step, cfg, ctx):
             kv_old = old.text_kv(text)  # theta_old's text K/V: used again for its clip caches below
             groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
                                                                cfg.window_frames, n, m, lambda: lap("clips"))))
+            del hist, clip  # the clip noise grows with G (0.46 GB at G = 24): not kept through the step
     # 3. decode each candidate clip as the window of its video (the decoder state after the history, shared by
     # the group like the KV prefix; vae.py) and score it: 4 F pixel frames for s > 0, 1 + 4 (F - 1) for s = 0
     scores, reward_s = [], {}
