@@ -412,7 +412,9 @@ def bench_train():
     score_err = max(abs(float(v - score_ref[k])) for k, v in rewards(probe, [PROMPT]).items())
     parked = sum(p.numel() * p.element_size() for mdl in dict.fromkeys([wan.text_encoder.encoder, *rewards.models[:2]])
                  if getattr(mdl, "parked_for", None) is not None for p in mdl.parameters())
-    print(f"built in {time.perf_counter() - t_start:.0f}s; parked in pinned CPU memory: {parked / 1e9:.1f} GB; "
+    import resource  # peak resident host memory: pinned blocks are rounded up to powers of two by the host allocator
+    print(f"built in {time.perf_counter() - t_start:.0f}s; parked in pinned CPU memory: {parked / 1e9:.1f} GB "
+          f"(host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB); "
           f"parked vs resident outputs: umT5 max |diff| {text_err:.3g}, rewards max |diff| {score_err:.3g}", flush=True)
     default = {"self_forcing": "21:3,21:24,0:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
     runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4,0:4" if TINY else default)).split(",")]
