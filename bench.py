@@ -420,7 +420,9 @@ def bench_train():
     runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4,0:4" if TINY else default)).split(",")]
 
     def lap_hook(name):
-        total = COUNTER.get_total_flops() if COUNTER else 0
+        if COUNTER is None:  # --no-flops
+            return
+        total = COUNTER.get_total_flops()
         FLOPS[name] = FLOPS.get(name, 0) + total - FLOPS.get("_seen", 0)
         FLOPS["_seen"] = total
     ctx.lap_hook = lap_hook
