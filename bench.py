@@ -9,6 +9,7 @@
 Each prints a table and writes bench_<command>.json. Timings: CUDA synchronised, one warm-up run, median of
 the timed runs. A faster variant is kept only if its output matches the reference path (tolerance printed).
 """
+import contextlib
 import json
 import os
 import statistics
@@ -299,53 +300,184 @@ def bench_group(G=8, clip=12, history=18):
     return rows
 
 
+# Qwen2's pre-tokenizer (its tokenizer.json "Split" pattern): words with their leading space, single digits,
+# punctuation runs, whitespace. The real tokenizer then runs byte-level BPE over a 151k vocabulary inside each piece.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_VOCAB = 151936  # embedding rows of Qwen2-VL-{2B,7B}-Instruct (config.json vocab_size)
+# Text tokens of one reward input (chat template + reward template + a prompt of prompts/train.txt or eval.txt,
+# special tokens counted once) under Qwen2's real BPE, measured offline with Qwen's published BPE ranks
+# (qwen.tiktoken: the same 151,643 merges and pre-tokenizer as Qwen2), mean over those 36 prompts.
+QWEN2_REAL_TOKENS = {"hpsv3": 538.1, "videoalign": 829.1}
+
+
+def qwen2_sized_tokenizer():
+    """A tokenizer that gives Qwen2's token counts without its vocabulary (none can be downloaded here): Qwen2's
+    pre-tokenizer split, each piece cut into runs of at most 10 characters, one token per run (unknown words map
+    to <unk>: only the count matters for a random-weight model). Within 2% of the real BPE count on both
+    templates; the vocabulary is padded to Qwen2-VL's 151,936 rows so the embeddings have their real size."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<unk>"] + R.SPECIALS)}
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), QWEN2_VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                                 pre_tokenizers.Split(Regex(r"[\s\S]{1,10}"), "isolated")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": R.SPECIALS})  # never split (already in the vocabulary)
+    return fast
+
+
+def reward_text_tokens(tok):
+    """Mean text tokens of an HPSv3 / VideoAlign input over prompts/train.txt: ours, Qwen2's and the ratio."""
+    prompts = config.read_prompts("prompts/train.txt")
+    rows = {}
+    for name, template in (("hpsv3", R.HPSV3_TEXT), ("videoalign", R.VIDEOALIGN_TEXT)):
+        n = statistics.mean(len(tok(R.CHAT.format(vision="", text=template.format(text_prompt=p))).input_ids)
+                            for p in prompts)
+        rows[name] = dict(template_chars=len(template), tokens=n, qwen2_tokens=QWEN2_REAL_TOKENS[name],
+                          ratio=n / QWEN2_REAL_TOKENS[name], chars_per_token=len(template) / n)
+    return rows
+
+
 def real_rewards():
-    """HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B) at full size, random weights, a byte-level tokenizer
-    (so the vocabulary, hence the embedding, is smaller than the real 151k rows: about 1.6 GB less)."""
-    if TINY:
-        return R.build_reward(R.DEFAULT_OFFLINE_SPEC)
-    from transformers import ByT5Tokenizer
-    tok = ByT5Tokenizer()
-    tok.add_tokens(R.SPECIALS, special_tokens=True)
+    """HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B) at full size (--tiny: 2-layer Qwen2-VLs, same code
+    path), random weights, with a tokenizer that gives Qwen2's token counts and embedding size."""
+    from transformers import Qwen2VLConfig
+    tok = qwen2_sized_tokenizer()
+    counts = reward_text_tokens(tok)
+    for name, c in counts.items():
+        print(f"{name} text tokens per input: {c['tokens']:.1f} (Qwen2 BPE: {c['qwen2_tokens']}, ratio {c['ratio']:.3f}; "
+              f"template {c['template_chars']} characters, {c['chars_per_token']:.2f} per token)", flush=True)
+    if TINY:  # the test suite's tiny Qwen2-VL shapes, at a few vision tokens a frame
+        cfgs = [Qwen2VLConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               rope_parameters=dict(rope_type="default", rope_theta=100.0,
+                                                                    mrope_section=[2, 1, 1])),
+                              vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2))] * 2
+        dims, pixels = (32, 32), [(4 * 784, 4 * 784), (4 * 784, 4 * 784)]
+    else:
+        cfgs = [R.qwen2vl_config(3584, 18944, 28, 4, len(tok)), R.qwen2vl_config(1536, 8960, 12, 2, len(tok))]
+        dims, pixels = (3584, 1536), [(200704, 200704), (128 * 28 * 28, 200704)]
     with torch.device(DEV):
-        hps = R.HPSv3(R.qwen2vl_config(3584, 18944, 28, 4, len(tok)), R.hpsv3_head(3584), tok, (200704, 200704), dtype=DT)
-        va = R.VideoAlign(R.qwen2vl_config(1536, 8960, 12, 2, len(tok)), nn.Linear(1536, 3, bias=False, dtype=DT), tok,
-                          (128 * 28 * 28, 200704), {f"{a}_{s}": float(s == "std") for a in ("VQ", "MQ", "TA")
-                                                    for s in ("mean", "std")})
+        hps = R.HPSv3(cfgs[0], R.hpsv3_head(dims[0]), tok, pixels[0], dtype=DT)
+        va = R.VideoAlign(cfgs[1], nn.Linear(dims[1], 3, bias=False, dtype=DT), tok, pixels[1],
+                          {f"{a}_{s}": float(s == "std") for a in ("VQ", "MQ", "TA") for s in ("mean", "std")}, dtype=DT)
     for mdl in (hps, va):
         mdl.eval().requires_grad_(False)
-    return R.CompositeReward(["hpsv3", "videoalign_mq", "videoalign_ta"], [1.0, 1.0, 1.0],
-                             [hps.score, partial(va.score, axis="MQ", gray=True), partial(va.score, axis="TA", gray=False)])
+    names = ["hpsv3", "videoalign_mq", "videoalign_ta"]
+    fns = [hps.score, partial(va.score, axis="MQ", gray=True), partial(va.score, axis="TA", gray=False)]
+    return R.CompositeReward(names, [1.0] * 3, [counted(n, f) for n, f in zip(names, fns)], [hps, va, va]), counts
+
+
+PRESET = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "self_forcing")
+ROWS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--rows=")), None)  # "s:G,s:G": train's runs
+COUNT_FLOPS = "--no-flops" not in sys.argv
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
+CEILING = 805e12  # bf16 dense matmul FLOP/s (README, Performance)
 
 
 def paper_config(*extra):
-    base = ["--preset=self_forcing", "--model=none", "--checkpoint=none", "--prompts=prompts/train.txt",
-            "--eval_every=0", "--group_size=3", "--micro_batch=3"]
-    if TINY:
-        base = ["--eval_every=0", "--group_size=2", "--micro_batch=2", "--clip_frames=3"]
+    base = [f"--preset={PRESET}", "--model=none", "--checkpoint=none", "--base_lora=none",
+            "--prompts=prompts/train.txt", "--eval_every=0", "--group_size=3", "--micro_batch=3"]
+    if TINY:  # the preset's structure, shrunk: LoRA, EMA, checkpointing, composite Qwen2-VL rewards, 32x32 frames
+        base += ["--height=32", "--width=32", "--lora_rank=4", "--lora_alpha=4", "--clip_frames=6",
+                 "--window_frames=9", "--group_size=2", "--micro_batch=2"]
     cfg = config.parse_config(base + list(extra))
     config.check_config(cfg)
     return cfg
 
 
-def bench_train(histories=(21, 60, 120, 240)):
-    t0 = time.perf_counter()
+FLOPS = {}  # FLOPs of the running step by phase (train.Laps boundaries) and by reward, when counted
+
+
+def counted(name, fn):
+    """fn, with the FLOPs it runs added to FLOPS["reward/" + name] (under the bench's FlopCounterMode)."""
+    def run(frames, prompts):
+        before = COUNTER.get_total_flops() if COUNTER else 0
+        out = fn(frames, prompts)
+        if COUNTER:
+            FLOPS[f"reward/{name}"] = FLOPS.get(f"reward/{name}", 0) + COUNTER.get_total_flops() - before
+        return out
+    return run
+
+
+COUNTER = None  # the FlopCounterMode of the running step
+
+
+def bench_train():
+    """RL steps at the paper's settings (G = 24, micro-batch 3, LoRA 256, clip 12), parked umT5 and reward models:
+    each phase's seconds, FLOPs (FlopCounterMode on the real code path, in the timed step itself), achieved
+    TFLOP/s against the 805 TFLOP/s bf16 ceiling and peak memory; runs (history s, G) from --rows or the
+    preset's default. The first run also warms up: its times are marked, its memory is as any other's."""
+    global COUNTER
+    from torch.utils.flop_counter import FlopCounterMode
+    t_start = time.perf_counter()
     cfg = paper_config()
-    ctx = train.build(cfg, real_wan(), real_rewards())
-    print(f"built generator, umT5, HPSv3, VideoAlign in {time.perf_counter() - t0:.0f}s", flush=True)
-    rows, G = [], cfg.group_size
-    runs = [(3, G)] + [(s, G) for s in (histories if not TINY else (3, 6))] + [(histories[0], 2 * G)]
-    for step, (s, g) in enumerate(runs, 1):  # the first step warms up; the last doubles G: memory must not grow
+    wan, (rewards, counts) = real_wan(), real_rewards()
+    # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
+    probe = torch.rand(1, 8, 3, wan.height, wan.width, generator=torch.Generator().manual_seed(0)).to(DEV)
+    text_ref, score_ref = wan.text_encoder([PROMPT]), rewards(probe, [PROMPT])
+    ctx = train.build(cfg, wan, rewards)
+    text_err = float((wan.text_encoder([PROMPT]) - text_ref).abs().max())
+    score_err = max(abs(float(v - score_ref[k])) for k, v in rewards(probe, [PROMPT]).items())
+    parked = sum(p.numel() * p.element_size() for mdl in dict.fromkeys([wan.text_encoder.encoder, *rewards.models[:2]])
+                 if getattr(mdl, "parked_for", None) is not None for p in mdl.parameters())
+    import resource  # peak resident host memory: pinned blocks are rounded up to powers of two by the host allocator
+    print(f"built in {time.perf_counter() - t_start:.0f}s; parked in pinned CPU memory: {parked / 1e9:.1f} GB "
+          f"(host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB); "
+          f"parked vs resident outputs: umT5 max |diff| {text_err:.3g}, rewards max |diff| {score_err:.3g}", flush=True)
+    default = {"self_forcing": "21:3,21:24,0:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
+    runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4,0:4" if TINY else default)).split(",")]
+
+    def lap_hook(name):
+        if COUNTER is None:  # --no-flops
+            return
+        total = COUNTER.get_total_flops()
+        FLOPS[name] = FLOPS.get(name, 0) + total - FLOPS.get("_seen", 0)
+        FLOPS["_seen"] = total
+    ctx.lap_hook = lap_hook
+    rows, last = [], None
+    for step, (s, g) in enumerate(runs, 1):
+        if last:  # estimate: the previous run's G-independent parts as they were, the rest scaled by G
+            fixed = sum(last.get(f"time/{k}", 0) for k in ("text", "history", "transfer"))
+            estimate = fixed + (last["step_time"] - fixed) * g / last_g
+            if time.perf_counter() - t_start + estimate > BUDGET_S:
+                print(f"skipped history {s}, G {g}: about {estimate:.0f}s more would pass the {BUDGET_S:.0f}s budget "
+                      f"(BENCH_BUDGET_S); run it alone with --rows={s}:{g}", flush=True)
+                continue
         cfg.clip_start, cfg.group_size = s, g
-        if DEV.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        r = train.train_step(step, cfg, ctx)
-        peak = torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else 0.0
-        print(f"history {s}, G {g}: {r['step_time']:.1f}s, peak {peak:.1f} GB", flush=True)
-        if step > 1:
-            rows.append(dict(history_frames=s, G=g, peak_gb=peak, step_s=r["step_time"],
-                             **{k: v for k, v in r.items() if k.startswith("time/")}))
+        FLOPS.clear()
+        COUNTER = FlopCounterMode(display=False) if COUNT_FLOPS else None
+        with COUNTER or contextlib.nullcontext():
+            r = train.train_step(step, cfg, ctx)
+        COUNTER = None
+        last, last_g = r, g
+        print(f"history {s}, G {g}: {r['step_time']:.1f}s, peak {r['peak_mem_gb']:.1f} GB, transfers "
+              f"{r['transfer_gb']:.1f} GB in {r['time/transfer']:.2f}s", flush=True)
+        rows += phase_rows(r, s, g, warmup=step == 1)
+        os.makedirs(OUT_DIR, exist_ok=True)
+        with open(os.path.join(OUT_DIR, f"train_{PRESET}_partial.json"), "w") as f:  # kept if a later run is cut off
+            json.dump(dict(text_tokens=counts, rows=rows), f, indent=1)
     return rows
+
+
+def phase_rows(r, s, g, warmup):
+    """One table row per phase of a step result r (train_step's dict), then the step's total."""
+    run = f"{PRESET} s={s} G={g}" + (" (warm-up)" if warmup else "")
+    phases = [k[5:] for k in r if k.startswith("time/")]
+    out = []
+    for ph in phases:
+        secs, flops = r[f"time/{ph}"], FLOPS.get(ph)
+        out.append(dict(run=run, phase=ph, seconds=secs, share=secs / r["step_time"],
+                        tflop=flops / 1e12 if flops is not None else "",
+                        tflops=flops / secs / 1e12 if flops and secs else "",
+                        ceiling=flops / secs / CEILING if flops and secs else "",
+                        peak_gb=r.get(f"peak_gb/{ph}", ""), moved_gb=r["transfer_gb"] if ph == "transfer" else ""))
+    total = sum(v for k, v in FLOPS.items() if not k.startswith(("reward/", "_")))
+    out.append(dict(run=run, phase="step", seconds=r["step_time"], share=1.0,
+                    tflop=total / 1e12 if COUNT_FLOPS else "", tflops=total / r["step_time"] / 1e12 if COUNT_FLOPS else "",
+                    ceiling=total / r["step_time"] / CEILING if COUNT_FLOPS else "", peak_gb=r["peak_mem_gb"], moved_gb=""))
+    return out
 
 
 def bench_scale_worker(steps=3):
@@ -385,9 +517,10 @@ def show(rows):
 if __name__ == "__main__":
     commands = {"generate": bench_generate, "group": bench_group, "train": bench_train, "scaling": bench_scaling,
                 "scale-worker": bench_scale_worker}
-    args = [a for a in sys.argv[1:] if a != "--tiny"]
+    args = [a for a in sys.argv[1:] if a not in ("--tiny", "--no-flops") and not a.startswith(("--preset=", "--rows="))]
     if len(args) != 1 or args[0] not in commands:
-        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny]")
+        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] "
+                         f"[train: --preset=self_forcing|longlive --rows=s:G,... --no-flops]")
     result = commands[args[0]]()
     if result is not None:
         device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"

@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from offload import resident
+
 # ---------------------------------------------------------------------------------------------
 # Few-step schedule (Self-Forcing convention): steps [1000, 750, 500, 250] warped by shift 5,
 # sigma' = 5 s / (1 + 4 s), give timesteps [1000, 937.5, 833.33, 625]. Velocity v = noise - x0.
@@ -211,9 +213,10 @@ class TextEncoder:
             raise ValueError(f"prompts must be a list of non-empty strings, got {prompts!r}")
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
-        dev = self.encoder.device
-        mask = tok.attention_mask.to(dev)
-        out = self.encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state
+        with resident(self.encoder):  # on the GPU only while it encodes, if train.py parked it (offload.py)
+            dev = self.encoder.device
+            mask = tok.attention_mask.to(dev)
+            out = self.encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state
         return out * mask.unsqueeze(-1).to(out.dtype)
 
 

@@ -4,13 +4,15 @@ Qwen2-VL as they were trained (MizzenAI/HPSv3 hpsv3/model/qwen2vl_trainer.py, Kw
 trainer.py): embed tokens, run the vision tower, scatter its features into the embeddings, call the
 language model on inputs_embeds with sequential positions (the stock M-RoPE forward scores differently).
 DEFAULT_OFFLINE_SPEC: cheap pixel-space stand-ins for the three axes, for runs without weights."""
-import importlib, json, math, re
+import importlib, json, math, re, time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from offload import resident
 
 DEFAULT_OFFLINE_SPEC = "colorfulness:1,smoothness:1,prompt_color:1"
 SOURCE_FPS = 16  # decoded Wan clips
@@ -292,10 +294,16 @@ VIDEOALIGN_AXES = {"videoalign_vq": dict(axis="VQ", gray=False), "videoalign_mq"
 
 
 class CompositeReward:
-    """(frames [B, F, 3, H, W] in [0, 1], B prompts) -> {name: [B] float32 CPU, ..., "composite"}."""
+    """(frames [B, F, 3, H, W] in [0, 1], B prompts) -> {name: [B] float32 CPU, ..., "composite"}.
 
-    def __init__(self, names, weights, fns):
+    models[i]: the nn.Module reward i runs on (None: none). The rewards of one model run together, inside
+    offload.resident: a parked model is on the GPU only while it scores. seconds: each reward's wall time
+    in the last call (scoring only: a parked model's copy to the GPU is offload.MOVED's)."""
+
+    def __init__(self, names, weights, fns, models=None):
         self.names, self.weights, self.fns = names, weights, fns
+        self.models = models or [None] * len(fns)
+        self.seconds = {}
 
     def __call__(self, frames, prompts):
         if not torch.is_tensor(frames) or frames.ndim != 5 or frames.shape[2] != 3 or not frames.is_floating_point():
@@ -308,14 +316,21 @@ class CompositeReward:
                 not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"need a list of {len(frames)} prompt strings (one per clip), got {prompts!r:.200}")
         out = {}
-        for name, fn in zip(self.names, self.fns):
-            try:
-                r = torch.as_tensor(fn(frames, prompts)).detach().to("cpu", torch.float32)
-            except Exception as e:  # a failing reward stops the step; it never turns into a constant
-                raise RuntimeError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
-            if r.shape != (len(frames),) or not torch.isfinite(r).all():
-                raise ValueError(f"reward {name!r} must return {len(frames)} finite floats, got {r.tolist()}")
-            out[name] = r
+        for model in dict.fromkeys(self.models):  # each model once, in order of first use
+            with resident(model):
+                for name, fn, m in zip(self.names, self.fns, self.models):
+                    if m is not model:
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        r = torch.as_tensor(fn(frames, prompts)).detach().to("cpu", torch.float32)  # waits for the GPU
+                    except Exception as e:  # a failing reward stops the step; it never turns into a constant
+                        raise RuntimeError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
+                    self.seconds[name] = time.perf_counter() - t0
+                    if r.shape != (len(frames),) or not torch.isfinite(r).all():
+                        raise ValueError(f"reward {name!r} must return {len(frames)} finite floats, got {r.tolist()}")
+                    out[name] = r
+        out = {name: out[name] for name in self.names}
         out["composite"] = sum(w * out[n] for n, w in zip(self.names, self.weights))
         return out
 
@@ -325,7 +340,7 @@ def build_reward(spec, device="cpu", paths=None):
     prompt_color), a model reward (hpsv3, videoalign_vq/_mq/_ta) or module:function on (frames, prompts).
     paths: "hpsv3" (HPSv3.safetensors), "videoalign" (VideoReward folder); optional "hpsv3_tokenizer",
     "videoalign_tokenizer", "videoalign_base" (Qwen2-VL-2B-Instruct folder, LoRA form only)."""
-    paths, names, weights, fns, models = dict(paths or {}), [], [], [], {}
+    paths, names, weights, fns, owners, models = dict(paths or {}), [], [], [], [], {}
     for term in filter(None, map(str.strip, spec.split(","))):
         name, _, weight = term.rpartition(":")
         try:
@@ -355,6 +370,7 @@ def build_reward(spec, device="cpu", paths=None):
             raise ValueError(f"unknown reward {name!r}: use {[*OFFLINE, 'hpsv3', *VIDEOALIGN_AXES]} or module:function")
         names.append(name)
         fns.append(fn)
+        owners.append(models.get(key))
     if not names:
         raise ValueError(f"empty reward spec {spec!r}")
-    return CompositeReward(names, weights, fns)
+    return CompositeReward(names, weights, fns, owners)

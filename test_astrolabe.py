@@ -1353,3 +1353,49 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         build_reward("videoalign_mq:1", paths={"videoalign": str(tmp_path)})
     with pytest.raises(ValueError, match="has no function nope"):
         build_reward("test_astrolabe:nope:1")
+
+
+def test_each_reward_model_is_resident_once_while_its_rewards_score(monkeypatch):
+    """CompositeReward brings each model to the GPU once (offload.resident) and runs exactly its rewards
+    inside; results equal the rewards called one by one. The recording stand-in marks which model is on."""
+    frames, prompts = video(3, 9, 64, 64, seed=41), ["a red fox", "a blue car", "snow"]
+    a, b, on, log = nn.Linear(1, 1), nn.Linear(1, 1), [], []
+
+    @__import__("contextlib").contextmanager
+    def recording(model):
+        log.append(("in", model))
+        on.append(model)
+        yield model
+        on.pop()
+        log.append(("out", model))
+
+    def needs(model, fn):
+        def run(f, p):
+            assert on == [model], (model, on)  # its own model, and only it (None: the offline group)
+            return fn(f, p)
+        return run
+    monkeypatch.setattr(rewards, "resident", recording)
+    fns = [rewards.colorfulness, rewards.smoothness, rewards.prompt_color, blueness]
+    owners = [a, None, b, a]
+    out = rewards.CompositeReward(["c", "s", "p", "blue"], [1.0, 2.0, 3.0, 4.0],
+                                  [needs(m, f) for m, f in zip(owners, fns)], owners)(frames, prompts)
+    assert log == [("in", a), ("out", a), ("in", None), ("out", None), ("in", b), ("out", b)]
+    ref = [f(frames, prompts).float() for f in fns]
+    assert list(out) == ["c", "s", "p", "blue", "composite"]
+    for k, r in zip(["c", "s", "p", "blue"], ref):
+        torch.testing.assert_close(out[k], r, rtol=0, atol=0)
+    torch.testing.assert_close(out["composite"], ref[0] + 2 * ref[1] + 3 * ref[2] + 4 * ref[3])
+
+
+def test_laps_split_the_step_and_take_transfers_out(monkeypatch):
+    """train.Laps against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase."""
+    clock, ended = iter([0.0, 2.0, 5.0, 6.0]), []
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setitem(train.offload.MOVED, "seconds", 10.0)
+    lap = train.Laps(torch.device("cpu"), hook=ended.append)
+    lap("text")
+    train.offload.MOVED["seconds"] += 0.5  # a parked model came to the GPU inside "text"
+    lap("history")
+    lap("text")
+    lap(None)
+    assert lap.times == {"transfer": 0.5, "text": 1.5 + 1.0, "history": 3.0} and ended == ["text", "history", "text"]

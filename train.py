@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import loss as L
 import model as M
+import offload
 import vae as V
 from config import check_config, parse_config, read_prompts
 from policy import ClipForward, Policy, full_tensor, load_checkpoint, save_checkpoint
@@ -43,10 +44,36 @@ def all_sum(*xs):
     return t.cpu().tolist()
 
 
+class Laps:
+    """Wall time and peak memory of a step's phases: lap(name) ends the running phase and starts `name`
+    (None: ends it). On CUDA each boundary synchronises (a few per step, none per micro-batch) and resets the
+    peak-memory counter. The host-to-device copies of parked models (offload.MOVED) are taken out of the
+    phase they happen in and counted as "transfer", so the phases add up to the step. hook(name), if given,
+    runs at each boundary after the synchronisation with the phase that ends (bench.py counts FLOPs there)."""
+
+    def __init__(self, device, hook=None):
+        self.cuda, self.hook, self.name = device.type == "cuda", hook, None
+        self.times, self.peak_gb = {"transfer": 0.0}, {}
+
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        now, moved = time.perf_counter(), offload.MOVED["seconds"]
+        if self.name is not None:
+            self.hook and self.hook(self.name)
+            self.times["transfer"] += moved - self.moved
+            self.times[self.name] = self.times.get(self.name, 0.0) + now - self.t0 - (moved - self.moved)
+            if self.cuda:
+                self.peak_gb[self.name] = max(self.peak_gb.get(self.name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.name, self.t0, self.moved = name, now, moved
+
+
 def train_step(step, cfg, ctx):
     """One step of Algorithm 1 on this rank (DESIGN.md section 4); returns the step's metrics."""
     P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
-    times, t0 = {}, time.perf_counter()
+    lap, t0, moved = Laps(dev, getattr(ctx, "lap_hook", None)), time.perf_counter(), offload.MOVED["bytes"]
     # 1. clip start s, the same on every rank (drawn from the shared seed); s = 0 trains the first clip
     shared = torch.Generator().manual_seed(seed_of(cfg.seed, step))
     s = n * int(torch.randint(0, cfg.max_history_frames // n + 1, (1,), generator=shared))
@@ -57,30 +84,34 @@ def train_step(step, cfg, ctx):
     old, groups = ctx.policy.net("old"), []
     with torch.no_grad(), autocast(dev):
         for j, prompt in enumerate(prompts):
+            lap("text")
             text = ctx.wan.text_encoder([prompt])
+            lap("history")
             hist = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 0), 1, ctx.wan.latent_shape(s), dev)
             clip = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
             kv_old = old.text_kv(text)  # theta_old's text K/V: used again for its clip caches below
             groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
-                                                               cfg.window_frames, n, m)))
-    times["rollout"] = time.perf_counter() - t0
+                                                               cfg.window_frames, n, m, lambda: lap("clips"))))
+            del hist, clip  # the clip noise grows with G (0.46 GB at G = 24): not kept through the step
     # 3. decode each candidate clip as the window of its video (the decoder state after the history, shared by
     # the group like the KV prefix; vae.py) and score it: 4 F pixel frames for s > 0, 1 + 4 (F - 1) for s = 0
-    scores = []
+    scores, reward_s = [], {}
     for prompt, _, _, g in groups:
-        t1 = time.perf_counter()
+        lap("decode")
         dec = V.history_decoder(ctx.wan.vae, g.history)
         frames = torch.cat([dec.fork(min(m, G - i))(g.clips[i:i + m]) for i in range(0, G, m)])
-        t2 = time.perf_counter()
+        lap("reward")
         scores.append(ctx.reward_fn(frames, [prompt] * G))
-        times["decode"] = times.get("decode", 0) + t2 - t1
-        times["reward"] = times.get("reward", 0) + time.perf_counter() - t2
+        for k, v in getattr(ctx.reward_fn, "seconds", {}).items():  # each reward's share (CompositeReward)
+            reward_s[k] = reward_s.get(k, 0.0) + v
+        del dec, frames  # training needs neither: G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24
+    lap("train")
     rewards = {k: torch.cat([sc[k] for sc in scores]).to(dev) for k in scores[0]}
     # 4. advantages (Eq. 4) and the uncertainty mask, both over the whole step on all ranks
     A, r = L.advantages(rewards["composite"], G, cfg.a_max)
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
     # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
-    t3, N, mask_host = time.perf_counter(), P * G, mask.cpu()  # one transfer: the loop below branches on it
+    N, mask_host = P * G, mask.cpu()  # one transfer: the loop below branches on it
     n_masked = int(mask_host.sum())
     noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank, 2))
     micro = [(j, i) for j in range(P) for i in range(0, G, m)]
@@ -115,6 +146,8 @@ def train_step(step, cfg, ctx):
                 kl_sum = kl_sum + ((x0_theta.detach() - x0_ref).square().flatten(1).mean(1) * mask[sl]).sum()
             loss.backward()
         policy_loss = policy_loss + loss.detach()
+        del cache  # before the next micro-batch builds its own (10.3 GB for 3 candidates at the 1.3B size)
+    lap("optimizer")
     # 6-8. optimizer step, EMA of theta_old, dynamic reference
     params = ctx.policy.params("default")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -126,7 +159,7 @@ def train_step(step, cfg, ctx):
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
         L.copy_(ctx.policy.params("ref"), params)
-    times["backward"] = time.perf_counter() - t3
+    lap(None)
     sums = all_sum(*(float(v.sum()) for v in rewards.values()), float(rewards["composite"].square().sum()),
                    float(A.abs().sum()), float((A.abs() >= cfg.a_max).sum()), N, policy_loss)
     count = sums[-2]
@@ -136,8 +169,9 @@ def train_step(step, cfg, ctx):
                 adv_abs_mean=sums[len(rewards) + 1] / count, adv_clipped=sums[len(rewards) + 2] / count,
                 policy_loss=sums[-1] / ctx.world, kl=kl, masked=masked_total / count, rho=ctx.ctrl.rho,
                 tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm,
-                step_time=time.perf_counter() - t0, **{f"time/{k}": v for k, v in times.items()},
-                peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0)
+                step_time=time.perf_counter() - t0, **{f"time/{k}": v for k, v in lap.times.items()},
+                **{f"time/reward/{k}": v for k, v in reward_s.items()}, transfer_gb=(offload.MOVED["bytes"] - moved) / 1e9,
+                **{f"peak_gb/{k}": v for k, v in lap.peak_gb.items()}, peak_mem_gb=max(lap.peak_gb.values(), default=0.0))
 
 
 @torch.no_grad()
@@ -203,6 +237,10 @@ def build(cfg, wan=None, reward_fn=None):
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     ctx.wan = (wan or M.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, dtype=dtype)).to(ctx.device)
     ctx.wan.height, ctx.wan.width = cfg.height or ctx.wan.height, cfg.width or ctx.wan.width
+    # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
+    offload.park(ctx.wan.text_encoder.encoder.requires_grad_(False), ctx.device)
+    for model in filter(None, getattr(ctx.reward_fn, "models", [])):
+        offload.park(model, ctx.device)
     ctx.policy = Policy(cfg, ctx.wan, ctx.world)
     ctx.train_net = ClipForward(ctx.policy.model, cfg.frames_per_block)
     if ctx.world > 1 and ctx.policy.lora:
