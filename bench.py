@@ -404,6 +404,21 @@ def counted(name, fn):
 COUNTER = None  # the FlopCounterMode of the running step
 
 
+def _gqa_sdpa_flops():
+    """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
+    K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
+    import torch.utils.flop_counter as fc
+    plain = fc.sdpa_flop_count
+
+    def grouped(query_shape, key_shape, value_shape):
+        h = query_shape[1]
+        return plain(query_shape, (key_shape[0], h, *key_shape[2:]), (value_shape[0], h, *value_shape[2:]))
+    fc.sdpa_flop_count = grouped
+
+
+_gqa_sdpa_flops()
+
+
 def bench_train():
     """RL steps at the paper's settings (G = 24, micro-batch 3, LoRA 256, clip 12), parked umT5 and reward models:
     each phase's seconds, FLOPs (FlopCounterMode on the real code path, in the timed step itself), achieved

@@ -99,7 +99,11 @@ def train_step(step, cfg, ctx):
     for prompt, _, _, g in groups:
         lap("decode")
         dec = V.history_decoder(ctx.wan.vae, g.history)
-        frames = torch.cat([dec.fork(min(m, G - i))(g.clips[i:i + m]) for i in range(0, G, m)])
+        frames = None  # filled in place: a torch.cat of the micro-batches would hold the G clips' pixels twice
+        for i in range(0, G, m):
+            x = dec.fork(min(m, G - i))(g.clips[i:i + m])
+            frames = x.new_empty((G, *x.shape[1:])) if frames is None else frames
+            frames[i:i + x.shape[0]] = x
         lap("reward")
         scores.append(ctx.reward_fn(frames, [prompt] * G))
         for k, v in getattr(ctx.reward_fn, "seconds", {}).items():  # each reward's share (CompositeReward)
