@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 # ---------------------------------------------------------------------------------------------
@@ -46,12 +47,69 @@ def add_noise(x0, noise, sigma):
 
 
 # ---------------------------------------------------------------------------------------------
+def _heads(attn, t):
+    return t.unflatten(2, (attn.heads, -1))
+
+
+def _rotate(x, freqs):
+    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2).type_as(x)
+
+
+def _attend(attn, q, k, v):
+    # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
+    # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
+    with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q), v.transpose(1, 2).type_as(q))
+    return attn.to_out[0](o.transpose(1, 2).flatten(2))
+
+
+class CausalBlock(WanTransformerBlock):
+    """diffusers' Wan block (its weights, names and own forward unchanged) plus the two calls CausalWan makes
+    on it. They are methods of the block module so that FSDP2 can gather this one block's weights around each
+    call (policy.py registers both with register_fsdp_forward_method): a block's submodules read directly
+    from outside would still be sharded."""
+
+    def text_kv(self, ctx):
+        """This layer's cross-attention K/V for text context [B, L, dim] (model.py CausalWan.text_kv)."""
+        c = self.attn2
+        return _heads(c, c.norm_k(c.to_k(ctx))), _heads(c, c.to_v(ctx))
+
+    def causal_forward(self, x, e, freqs, text_kv, cache, i, pos, store, recompute):
+        """One layer: self-attention over the cache and this call's tokens, cross-attention, feed-forward.
+        recompute: gradient checkpointing; inside the FSDP2 call, so the recompute finds the weights gathered."""
+        if recompute:
+            return checkpoint(self._causal, x, e, freqs, text_kv, cache, i, pos, store, use_reentrant=False)
+        return self._causal(x, e, freqs, text_kv, cache, i, pos, store)
+
+    def _causal(self, x, e, freqs, text_kv, cache, i, pos, store):
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)
+        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
+        a = self.attn1
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        q = _rotate(_heads(a, a.norm_q(a.to_q(h))), freqs)
+        k = _rotate(_heads(a, a.norm_k(a.to_k(h))), freqs)
+        v = _heads(a, a.to_v(h))
+        if cache is not None:
+            k, v = cache.attend(i, k, v, store, pos)
+        x = (x.float() + _attend(a, q, k, v) * gate).type_as(x)
+        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
+        c = self.attn2
+        h = self.norm2(x.float()).type_as(x)
+        x = x + _attend(c, _heads(c, c.norm_q(c.to_q(h))), *text_kv)
+        # 3. feed-forward
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
 class CausalWan(torch.nn.Module):
     def __init__(self, transformer: WanTransformer3DModel):
         super().__init__()
         self.transformer = transformer
+        for b in transformer.blocks:  # same object and weights, plus CausalBlock's methods
+            b.__class__ = CausalBlock
+        self.param_dtype = None  # the dtype FSDP2 gathers weights in, if policy.py sets one (see dtype)
         cfg = transformer.config
-        self.heads, self.patch = cfg.num_attention_heads, tuple(cfg.patch_size)
+        self.patch = tuple(cfg.patch_size)
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
@@ -64,6 +122,12 @@ class CausalWan(torch.nn.Module):
         for name, t in zip(("rope_t", "rope_h", "rope_w"), tables):
             self.register_buffer(name, t.to(torch.complex64), persistent=False)
 
+    @property
+    def dtype(self):
+        """The dtype the generator computes in, for its inputs and KV caches: the weights' own, or the gathered
+        dtype of FSDP2's mixed precision (fp32 weights at rest, bf16 compute; policy.py)."""
+        return self.param_dtype or self.transformer.patch_embedding.weight.dtype
+
     def rope(self, start, f, h, w):
         if start < 0 or start + f > self.max_frames:
             raise ValueError(f"frames [{start}, {start + f}) are past the {self.max_frames}-position RoPE table")
@@ -72,46 +136,11 @@ class CausalWan(torch.nn.Module):
         ww = self.rope_w[:w].view(1, 1, w, -1).expand(f, h, w, -1)
         return torch.cat([t, hh, ww], dim=-1).reshape(f * h * w, 1, -1)
 
-    @staticmethod
-    def _rotate(x, freqs):
-        return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs).flatten(-2).type_as(x)
-
     def text_kv(self, text):
         """Cross-attention K/V of every layer for umT5 embeddings [B, L, text_dim]: once per prompt."""
         ce = self.transformer.condition_embedder
         ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
-        return [(self._heads(b.attn2.norm_k(b.attn2.to_k(ctx))), self._heads(b.attn2.to_v(ctx)))
-                for b in self.transformer.blocks]
-
-    def _heads(self, t):
-        return t.unflatten(2, (self.heads, -1))
-
-    def _attend(self, attn, q, k, v):
-        # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
-        # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
-        with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).type_as(q),
-                                               v.transpose(1, 2).type_as(q))
-        return attn.to_out[0](o.transpose(1, 2).flatten(2))
-
-    def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):
-        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e.float()).chunk(6, dim=1)
-        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
-        a = blk.attn1
-        h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        q = self._rotate(self._heads(a.norm_q(a.to_q(h))), freqs)
-        k = self._rotate(self._heads(a.norm_k(a.to_k(h))), freqs)
-        v = self._heads(a.to_v(h))
-        if cache is not None:
-            k, v = cache.attend(i, k, v, store, pos)
-        x = (x.float() + self._attend(a, q, k, v) * gate).type_as(x)
-        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
-        c = blk.attn2
-        h = blk.norm2(x.float()).type_as(x)
-        x = x + self._attend(c, self._heads(c.norm_q(c.to_q(h))), *text_kv[i])
-        # 3. feed-forward
-        h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
+        return [b.text_kv(ctx) for b in self.transformer.blocks]
 
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
@@ -141,11 +170,9 @@ class CausalWan(torch.nn.Module):
 
         z = tr.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         pos = cache.pos if cache is not None else None  # fixed now: a checkpointed recompute runs later
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, blk in enumerate(tr.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
-            else:
-                z = self._block(i, blk, z, e, freqs, text_kv, cache, pos, store)
+            z = blk.causal_forward(z, e, freqs, text_kv[i], cache, i, pos, store, recompute)
 
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
