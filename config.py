@@ -44,6 +44,7 @@ class Config:
     videoalign_base: str = None   # Qwen2-VL-2B-Instruct folder (VideoReward's LoRA form only)
     # optimisation
     lora_rank: int = 8            # 0: full fine-tuning (three copies; FSDP2 under torchrun)
+    fsdp_per_block: bool = True   # FSDP2 unit: each transformer block (False: the whole generator; policy.shard)
     lora_alpha: int = 8
     lr: float = 2e-2
     weight_decay: float = 1e-4

@@ -568,6 +568,50 @@ def test_two_process_torchrun_ends_with_identical_weights(tmp_path, lora_rank):
     assert [r for r, _ in sums] == ["0", "1"] and sums[0][1] == sums[1][1], res.stdout
 
 
+def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
+    """Per-block FSDP2 (gloo, one process): every block is its own unit, sharded (DTensor) at rest, gathered
+    only inside its own calls. CausalWan reads block weights only through CausalBlock's methods; a call FSDP2
+    did not see would meet sharded weights and fail. text_kv, the cached rollout, the cache-reading clip forward
+    and its gradients, with and without gradient checkpointing, must equal the unsharded model's."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        plain = copy.deepcopy(wan.model)
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sharded = copy.deepcopy(plain)
+        policy_mod.shard(sharded)
+        blocks = sharded.transformer.blocks
+        assert isinstance(sharded, FSDPModule) and all(isinstance(b, FSDPModule) for b in blocks)
+        text, x_t = wan.text_encoder(["a fox in the snow"]), torch.randn(2, 16, 6, 8, 8)
+        runs = []
+        for m in (plain, sharded):
+            with torch.no_grad():
+                kv = m.text_kv(text)
+                g = group_rollout(m, kv, draw_noise(3, 1, (16, 3, 8, 8)), draw_noise(4, 2, (16, 6, 8, 8)), 3, 9)
+                cache = g.clip_cache(m, kv, 0, 2)
+            out = [torch.cat([k for k, _ in kv]), g.clips]
+            for ckpt in (False, True):
+                m.gradient_checkpointing = ckpt
+                v = policy_mod.ClipForward(m, N)(text, x_t, torch.tensor([0.9, 0.6]), cache, 3)
+                v.square().mean().backward()  # (FSDP2 reduces gradients in backward's hooks, not autograd.grad)
+                ps = list(m.transformer.parameters())
+                out += [v.detach()] + [p.grad.full_tensor() if isinstance(p, DTensor) else p.grad for p in ps]
+                m.zero_grad()
+            runs.append(out)
+        assert all(isinstance(p, DTensor) for p in blocks.parameters())  # resharded after every call
+        assert len(runs[0]) == len(runs[1])
+        for a, b in zip(*runs):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 def blueness(frames, prompts):
     """A simple reward for the sign check: the mean blue channel (mid-range on the tiny VAE's output)."""
     return frames[:, :, 2].mean((1, 2, 3))
