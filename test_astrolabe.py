@@ -555,17 +555,40 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert read_ckpt(out)[1]["step"] == 2
 
 
-@pytest.mark.parametrize("lora_rank", [8, 0])  # LoRA under DDP; full fine-tuning under FSDP2
-def test_two_process_torchrun_ends_with_identical_weights(tmp_path, lora_rank):
+def torchrun(args, port):
+    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum."""
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29517 + lora_rank}",
-           "train.py", *FAST, "--steps=2", "--eval_every=2", f"--lora_rank={lora_rank}", f"--out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     # the two ranks share stdout, so their lines may interleave: match the printed format, not lines
     sums = sorted(re.findall(r"rank (\d) trainable checksum ([-+]?\d\.\d{12}e[-+]\d+)", res.stdout))
     assert [r for r, _ in sums] == ["0", "1"] and sums[0][1] == sums[1][1], res.stdout
+    return res.stdout
+
+
+def test_two_process_torchrun_ends_with_identical_weights(tmp_path):  # LoRA under DDP
+    torchrun([*FAST, "--steps=2", "--eval_every=2", f"--out_dir={tmp_path}"], 29517)
+
+
+def test_per_block_fsdp2_on_two_processes_equals_one_process_and_resumes(tmp_path):
+    """Full fine-tuning, one FSDP2 unit per block: 2 processes x 1 prompt (stopped after step 1, resumed to step 2)
+    end with the weights, theta_old and theta_ref of 1 unsharded process x 2 prompts run straight to step 2."""
+    from safetensors.torch import load_file
+    args = [*FAST, "--lora_rank=0", "--gamma=0.9", "--lr=1e-3", "--steps=2"]  # gamma 0.9: theta_old's EMA must resume
+    train.main([*args, "--prompts_per_rank=2", f"--out_dir={tmp_path / 'one'}"])
+    torchrun([*args, "--steps=1", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"], 29527)
+    out = torchrun([*args, "--eval_every=2", "--resume=true", f"--out_dir={tmp_path / 'two'}"], 29528)
+    assert "2 rank(s) x 1 prompt(s)" in out
+    start = M.load_tiny().model.transformer.state_dict()
+    for f in ("transformer.safetensors", "old.safetensors", "ref.safetensors"):
+        one, two = (load_file(tmp_path / d / "ckpt-000002" / f) for d in ("one", "two"))
+        assert one.keys() == two.keys() == start.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=f"{f} {k}")
+        moved = [not torch.equal(one[k], start[k]) for k in start if ".ffn." in k]
+        assert all(moved) if f != "ref.safetensors" else not any(moved)  # theta trained, theta_old its EMA
 
 
 def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
