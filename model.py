@@ -234,6 +234,10 @@ class Wan:
 TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
                         out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# Wan2.1-T2V-14B (the Wan repo's configs/wan_t2v_14B.py: dim 5120 = 40 heads x 128, ffn 13824), the architecture
+# of Krea realtime 14B; bench.py builds it with random weights, the tests check the Krea key table against it.
+WAN_14B = dict(TINY_TRANSFORMER, num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
+               ffn_dim=13824, num_layers=40)
 TINY_UMT5 = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],

@@ -275,6 +275,28 @@ def test_original_layout_loads_and_reproduces(wan, tmp_path):
         torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
 
 
+def test_krea_14b_layout_loads_and_reproduces(wan, tmp_path):
+    """Krea realtime 14B ships one .safetensors of original-Wan keys under `model.` (krea-ai/realtime-video loads
+    it into a wrapper holding the Wan model as `.model`): the tiny model written that way loads back exactly, and
+    the 40-layer hand table names exactly the Wan2.1-T2V-14B transformer's tensors, 1095 of them, at dim 5120."""
+    sd = {f"model.{k}": v.contiguous() for k, v in to_original(wan.model.transformer.state_dict(), 2).items()}
+    save_file(sd, tmp_path / "krea-realtime-video-14b.safetensors")
+    fresh = M.load_tiny(seed=123).model
+    M.load_wan_state_dict(fresh.transformer, M.read_checkpoint(str(tmp_path / "krea-realtime-video-14b.safetensors")))
+    x, kv = torch.randn(2, 16, 3, 8, 8), text_kv(wan)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
+    with torch.device("meta"):
+        big = M.WanTransformer3DModel(**M.WAN_14B).state_dict()
+    keys = original_wan_keys(40)
+    assert len(keys) == 1095 and {M.wan_to_diffusers(f"model.{k}") for k in keys} == set(big)
+    assert big["blocks.39.attn1.to_k.weight"].shape == (5120, 5120)
+    assert big["blocks.0.ffn.net.0.proj.weight"].shape == (13824, 5120)
+    cfg = config.parse_config(["--preset=krea"])
+    config.check_config(cfg)
+    assert cfg.sink_frames == 0 and cfg.max_history_frames + cfg.clip_frames <= cfg.window_frames  # nothing rolls out
+
+
 def test_loader_errors_name_the_keys(wan, tmp_path):
     sd = to_original(wan.model.transformer.state_dict(), 2)
     fresh = M.load_tiny(seed=1).model.transformer
