@@ -44,6 +44,7 @@ class Config:
     videoalign_base: str = None   # Qwen2-VL-2B-Instruct folder (VideoReward's LoRA form only)
     # optimisation
     lora_rank: int = 8            # 0: full fine-tuning (three copies; FSDP2 under torchrun)
+    fsdp_per_block: bool = True   # FSDP2 unit: each transformer block (False: the whole generator; policy.shard)
     lora_alpha: int = 8
     lr: float = 2e-2
     weight_decay: float = 1e-4
@@ -73,6 +74,14 @@ PRESETS = {
     "causal_forcing": dict(_PAPER, checkpoint="checkpoints/causal_forcing.pt", max_history_frames=9),
     "longlive": dict(_PAPER, checkpoint="checkpoints/longlive_base.pt", checkpoint_key="generator",
                      base_lora="checkpoints/lora.pt", window_frames=15, max_history_frames=228),
+    # Krea realtime 14B (krea/krea-realtime-video): Self-Forcing on Wan2.1-T2V-14B, one .safetensors of `model.`-
+    # prefixed original-Wan keys (krea-ai/realtime-video release_server.py). It attends to every earlier frame
+    # (the Astrolabe release's configs/nft_krea14b.py: local_attn_size -1, sink_size 0): sink 0 and a 21-frame
+    # window hold the whole history + clip, nothing rolls out. G = 8, one candidate per micro-batch, beta 0.1 as
+    # there; LoRA base whole on every GPU (policy.py), or --lora_rank=0 on 8+ GPUs (README, Training)
+    "krea": dict(_PAPER, model="checkpoints/Wan2.1-T2V-14B-Diffusers",
+                 checkpoint="checkpoints/krea-realtime-video-14b.safetensors", sink_frames=0, window_frames=21,
+                 max_history_frames=9, group_size=8, micro_batch=1, beta=0.1),
 }
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from offload import resident
@@ -59,6 +60,7 @@ def add_noise(x0, noise, sigma):
 # ---------------------------------------------------------------------------------------------
 # One transformer block in three stages around its two attentions (diffusers' WanTransformerBlock order:
 # adaLN-modulated self-attention, cross-attention, modulated feed-forward; the modulations in fp32).
+# CausalWan.compile_blocks swaps in compiled copies of the stages: the fast sampling path.
 def rotate(x, freqs):
     """RoPE on [B, T, H, D]: channel pairs rotated as complex numbers, in fp32; freqs = (cos, sin) [T, 1, D/2]."""
     cos, sin = freqs
@@ -72,19 +74,19 @@ def attend(q, k, v):
     return o.transpose(1, 2).flatten(2)
 
 
-def self_qkv(blk, x, shift, scale, freqs, heads):
+def self_qkv(blk, x, shift, scale, freqs):
     a = blk.attn1
     h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-    q = rotate(a.norm_q(a.to_q(h)).unflatten(2, (heads, -1)), freqs)
-    k = rotate(a.norm_k(a.to_k(h)).unflatten(2, (heads, -1)), freqs)
-    return q, k, a.to_v(h).unflatten(2, (heads, -1))
+    q = rotate(a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1)), freqs)
+    k = rotate(a.norm_k(a.to_k(h)).unflatten(2, (a.heads, -1)), freqs)
+    return q, k, a.to_v(h).unflatten(2, (a.heads, -1))
 
 
-def cross_q(blk, x, o, gate, heads):
+def cross_q(blk, x, o, gate):
     """Self-attention output and gated residual; then the cross-attention query."""
     x = (x.float() + blk.attn1.to_out[0](o) * gate).type_as(x)
     c = blk.attn2
-    return x, c.norm_q(c.to_q(blk.norm2(x.float()).type_as(x))).unflatten(2, (heads, -1))
+    return x, c.norm_q(c.to_q(blk.norm2(x.float()).type_as(x))).unflatten(2, (c.heads, -1))
 
 
 def feed_forward(blk, x, o, shift, scale, gate):
@@ -97,13 +99,46 @@ def feed_forward(blk, x, o, shift, scale, gate):
 BLOCK_STAGES = (self_qkv, cross_q, feed_forward)
 
 
+class CausalBlock(WanTransformerBlock):
+    """diffusers' Wan block (its weights, names and own forward unchanged) plus the two calls CausalWan makes
+    on it. They are methods of the block module so that FSDP2 can gather this one block's weights around each
+    call (policy.py registers both with register_fsdp_forward_method): a block's submodules read directly
+    from outside would still be sharded."""
+
+    def text_kv(self, ctx):
+        """This layer's cross-attention K/V for text context [B, L, dim] (model.py CausalWan.text_kv)."""
+        c = self.attn2
+        return c.norm_k(c.to_k(ctx)).unflatten(2, (c.heads, -1)), c.to_v(ctx).unflatten(2, (c.heads, -1))
+
+    def causal_forward(self, x, e, freqs, text_kv, cache, i, pos, store, recompute, stages=BLOCK_STAGES):
+        """One layer: self-attention over the cache and this call's tokens, cross-attention, feed-forward.
+        recompute: gradient checkpointing; inside the FSDP2 call, so the recompute finds the weights gathered."""
+        if recompute:
+            return checkpoint(self._causal, x, e, freqs, text_kv, cache, i, pos, store, stages, use_reentrant=False)
+        return self._causal(x, e, freqs, text_kv, cache, i, pos, store, stages)
+
+    def _causal(self, x, e, freqs, text_kv, cache, i, pos, store, stages):
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)
+        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
+        q, k, v = stages[0](self, x, shift, scale, freqs)
+        if cache is not None:
+            k, v = cache.attend(i, k, v, store, pos)
+        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
+        x, q = stages[1](self, x, attend(q, k, v), gate)
+        # 3. feed-forward
+        return stages[2](self, x, attend(q, *text_kv), c_shift, c_scale, c_gate)
+
+
 # ---------------------------------------------------------------------------------------------
 class CausalWan(torch.nn.Module):
     def __init__(self, transformer: WanTransformer3DModel):
         super().__init__()
         self.transformer = transformer
+        for b in transformer.blocks:  # same object and weights, plus CausalBlock's methods
+            b.__class__ = CausalBlock
+        self.param_dtype = None  # the dtype FSDP2 gathers weights in, if policy.py sets one (see dtype)
         cfg = transformer.config
-        self.heads, self.patch = cfg.num_attention_heads, tuple(cfg.patch_size)
+        self.patch = tuple(cfg.patch_size)
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
@@ -116,6 +151,12 @@ class CausalWan(torch.nn.Module):
                   for n in (d - 2 * hw, hw, hw)]
         for name, t in zip(("rope_t", "rope_h", "rope_w"), tables):
             self.register_buffer(name, t.to(torch.complex64), persistent=False)
+
+    @property
+    def dtype(self):
+        """The dtype the generator computes in, for its inputs and KV caches: the weights' own, or the gathered
+        dtype of FSDP2's mixed precision (fp32 weights at rest, bf16 compute; policy.py)."""
+        return self.param_dtype or self.transformer.patch_embedding.weight.dtype
 
     def rope(self, start, f, h, w):
         if start < 0 or start + f > self.max_frames:
@@ -130,8 +171,7 @@ class CausalWan(torch.nn.Module):
         """Cross-attention K/V of every layer for umT5 embeddings [B, L, text_dim]: once per prompt."""
         ce = self.transformer.condition_embedder
         ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
-        return [(b.attn2.norm_k(b.attn2.to_k(ctx)).unflatten(2, (self.heads, -1)),
-                 b.attn2.to_v(ctx).unflatten(2, (self.heads, -1))) for b in self.transformer.blocks]
+        return [b.text_kv(ctx) for b in self.transformer.blocks]
 
     def compile_blocks(self, mode=None):
         """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
@@ -139,17 +179,6 @@ class CausalWan(torch.nn.Module):
         per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager."""
         self.stages = tuple(torch.compile(f, dynamic=False, mode=mode) for f in BLOCK_STAGES)
         return self
-
-    def _block(self, i, blk, x, e, freqs, text_kv, cache, pos, store):
-        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + e.float()).chunk(6, dim=1)
-        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
-        q, k, v = self.stages[0](blk, x, shift, scale, freqs, self.heads)
-        if cache is not None:
-            k, v = cache.attend(i, k, v, store, pos)
-        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
-        x, q = self.stages[1](blk, x, attend(q, k, v), gate, self.heads)
-        # 3. feed-forward
-        return self.stages[2](blk, x, attend(q, *text_kv[i]), c_shift, c_scale, c_gate)
 
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
@@ -185,14 +214,12 @@ class CausalWan(torch.nn.Module):
         if cache is not None and cache.frames[pos[0][0]] != start_frame:
             raise ValueError(f"start_frame={start_frame} but the cache is positioned at frame "
                              f"{cache.frames[pos[0][0]]} (begin_block): RoPE and cache would disagree")
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
         # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
         with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
             for i, blk in enumerate(tr.blocks):
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    z = checkpoint(self._block, i, blk, z, e, freqs, text_kv, cache, pos, store, use_reentrant=False)
-                else:
-                    z = self._block(i, blk, z, e, freqs, text_kv, cache, pos, store)
+                z = blk.causal_forward(z, e, freqs, text_kv[i], cache, i, pos, store, recompute, self.stages)
 
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
@@ -244,6 +271,10 @@ class Wan:
 TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16,
                         out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+# Wan2.1-T2V-14B (the Wan repo's configs/wan_t2v_14B.py: dim 5120 = 40 heads x 128, ffn 13824), the architecture
+# of Krea realtime 14B; bench.py builds it with random weights, the tests check the Krea key table against it.
+WAN_14B = dict(TINY_TRANSFORMER, num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
+               ffn_dim=13824, num_layers=40)
 TINY_UMT5 = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],

@@ -1,9 +1,11 @@
 """theta, theta_old and theta_ref (paper Algorithm 1) and their checkpoints.
 
 LoRA (the default): three peft adapters `default` (theta, trainable), `old` (the rollout policy, an EMA of
-theta) and `ref` (the KL anchor) on one frozen base, r = alpha on every Linear of the transformer blocks.
-Full fine-tuning (lora_rank=0): three copies, sharded with FSDP2 under torchrun. loss.ema_ / loss.copy_
-update `old` and `ref` through the parameter lists this module hands out.
+theta) and `ref` (the KL anchor) on one frozen base, r = alpha on every Linear of the transformer blocks. The base
+stays whole on every GPU (DDP over the adapters), as the Astrolabe release trains Krea 14B too: sharding it would
+add a gather of every block to each of the rollout's many forwards (README, Training).
+Full fine-tuning (lora_rank=0): three copies, sharded with FSDP2 under torchrun, one unit per transformer block
+(see shard). loss.ema_ / loss.copy_ update `old` and `ref` through the parameter lists this module hands out.
 """
 import dataclasses
 import json
@@ -37,13 +39,12 @@ class Policy:
             self.nets = dict.fromkeys(self.NAMES, self.model)
         else:
             import copy
-            self.nets = {"default": self.model, "old": copy.deepcopy(self.model), "ref": copy.deepcopy(self.model)}
-            for name, net in self.nets.items():
+            self.nets = {}
+            for name in ("ref", "old", "default"):  # each copy sharded as soon as made: never three whole on a GPU
+                net = self.nets[name] = self.model if name == "default" else copy.deepcopy(self.model)
                 net.requires_grad_(name == "default")
-                if world > 1:  # FSDP2: parameters sharded at rest, gathered for each call
-                    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-                    fully_shard(net)
-                    register_fsdp_forward_method(net, "text_kv")
+                if world > 1:
+                    shard(net, cfg.fsdp_per_block, master_fp32=name != "ref")
         for name in ("old", "ref"):
             L.copy_(self.params(name), self.params("default"))
         self.net("default")
@@ -69,6 +70,37 @@ class Policy:
                 for p in self.params(n):
                     p.requires_grad_(n == "default")
         return self.nets[name]
+
+
+def shard(net, per_block=True, master_fp32=True):
+    """FSDP2 over one CausalWan: parameters sharded at rest, gathered for each call. per_block: each transformer
+    block is its own unit, gathered just for its own calls, so a forward holds one block whole at a time, not the
+    model (False: the whole generator as one unit, for comparison in bench.py fsdp). CausalWan calls blocks only
+    through CausalBlock's two methods, registered here as forward methods, so FSDP2's hooks see every call.
+    On a GPU, bf16 compute over fp32 weights (mixed precision): AdamW's steps at lr 1e-5 and theta_old's EMA
+    (gamma 0.9) are below bf16's resolution; gradients are reduced in fp32. master_fp32=False (theta_ref, only
+    ever a copy of theta) keeps the loaded bf16: the bf16 gather of theta is what its forward sees anyway."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+    gpu = net.transformer.device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu else MixedPrecisionPolicy()
+    if gpu:
+        net.param_dtype = torch.bfloat16
+    # FSDP2 warns that a unit returns views (text K/V, velocities): nothing here changes them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    def fp32(module):  # before sharding, one unit at a time: only one unit is ever whole in fp32
+        for p in module.parameters() if gpu and master_fp32 else ():
+            if not isinstance(p, DTensor):  # (the blocks' are sharded already)
+                p.data = p.data.float()
+    for blk in net.transformer.blocks if per_block else ():
+        fp32(blk)
+        fully_shard(blk, mp_policy=mp)
+        register_fsdp_forward_method(blk, "causal_forward")
+        register_fsdp_forward_method(blk, "text_kv")
+    fp32(net)
+    fully_shard(net, mp_policy=mp)
+    register_fsdp_forward_method(net, "text_kv")
 
 
 class ClipForward(torch.nn.Module):

@@ -29,7 +29,7 @@ def new_cache(model, batch, latent_shape, sink_frames, window_frames, frames_per
     p = model.patch
     return KVCache(cfg.num_layers, batch, sink_frames + window_frames, (h // p[1]) * (w // p[2]),
                    cfg.num_attention_heads, cfg.attention_head_dim, sink_frames, window_frames, frames_per_block,
-                   dtype or model.transformer.patch_embedding.weight.dtype, model.transformer.device)
+                   dtype or model.dtype, model.transformer.device)
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     n = frames_per_block
     if F % n:
         raise ValueError(f"{F} latent frames is not a whole number of {n}-frame blocks")
-    dtype = model.transformer.patch_embedding.weight.dtype
+    dtype = model.dtype
     out = torch.empty(B, C, F, h, w, dtype=torch.float32, device=noise.device)
     switches = dict(switches)
     for b in tqdm(range(F // n), desc="blocks", disable=not progress, leave=False):
@@ -75,7 +75,7 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
 def context_pass(model, text_kv, cache, latents, start, frames_per_block=3):
     """Run clean latents [B, C, F, h, w] of frames [start, start + F) through the model at t = 0, block by
     block, writing their K/V into `cache` (blocks already held are overwritten in place)."""
-    dtype, n = model.transformer.patch_embedding.weight.dtype, frames_per_block
+    dtype, n = model.dtype, frames_per_block
     for b in range(latents.shape[2] // n):
         cache.begin_block(start + b * n, n)
         model(latents[:, :, b * n:(b + 1) * n].to(dtype), 0.0, text_kv, cache, start + b * n, store=True)
@@ -140,7 +140,7 @@ def clip_velocity(model, x_t, sigma, text_kv, cache, start, frames_per_block=3):
     attends to the detached history prefix, to the candidate's clean K/V of its earlier clip blocks
     (both read from `cache`, never written) and to itself. x_t [m, C, clip_frames, h, w]; sigma [m]."""
     n = frames_per_block
-    dtype = model.transformer.patch_embedding.weight.dtype
+    dtype = model.dtype
     out = []
     for b in range(x_t.shape[2] // n):
         cache.begin_block(start + b * n, n)

@@ -276,6 +276,28 @@ def test_original_layout_loads_and_reproduces(wan, tmp_path):
         torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
 
 
+def test_krea_14b_layout_loads_and_reproduces(wan, tmp_path):
+    """Krea realtime 14B ships one .safetensors of original-Wan keys under `model.` (krea-ai/realtime-video loads
+    it into a wrapper holding the Wan model as `.model`): the tiny model written that way loads back exactly, and
+    the 40-layer hand table names exactly the Wan2.1-T2V-14B transformer's tensors, 1095 of them, at dim 5120."""
+    sd = {f"model.{k}": v.contiguous() for k, v in to_original(wan.model.transformer.state_dict(), 2).items()}
+    save_file(sd, tmp_path / "krea-realtime-video-14b.safetensors")
+    fresh = M.load_tiny(seed=123).model
+    M.load_wan_state_dict(fresh.transformer, M.read_checkpoint(str(tmp_path / "krea-realtime-video-14b.safetensors")))
+    x, kv = torch.randn(2, 16, 3, 8, 8), text_kv(wan)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
+    with torch.device("meta"):
+        big = M.WanTransformer3DModel(**M.WAN_14B).state_dict()
+    keys = original_wan_keys(40)
+    assert len(keys) == 1095 and {M.wan_to_diffusers(f"model.{k}") for k in keys} == set(big)
+    assert big["blocks.39.attn1.to_k.weight"].shape == (5120, 5120)
+    assert big["blocks.0.ffn.net.0.proj.weight"].shape == (13824, 5120)
+    cfg = config.parse_config(["--preset=krea"])
+    config.check_config(cfg)
+    assert cfg.sink_frames == 0 and cfg.max_history_frames + cfg.clip_frames <= cfg.window_frames  # nothing rolls out
+
+
 def test_loader_errors_name_the_keys(wan, tmp_path):
     sd = to_original(wan.model.transformer.state_dict(), 2)
     fresh = M.load_tiny(seed=1).model.transformer
@@ -636,17 +658,84 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert read_ckpt(out)[1]["step"] == 2
 
 
-@pytest.mark.parametrize("lora_rank", [8, 0])  # LoRA under DDP; full fine-tuning under FSDP2
-def test_two_process_torchrun_ends_with_identical_weights(tmp_path, lora_rank):
+def torchrun(args, port):
+    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum."""
     import subprocess
     import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29517 + lora_rank}",
-           "train.py", *FAST, "--steps=2", "--eval_every=2", f"--lora_rank={lora_rank}", f"--out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     # the two ranks share stdout, so their lines may interleave: match the printed format, not lines
     sums = sorted(re.findall(r"rank (\d) trainable checksum ([-+]?\d\.\d{12}e[-+]\d+)", res.stdout))
     assert [r for r, _ in sums] == ["0", "1"] and sums[0][1] == sums[1][1], res.stdout
+    return res.stdout
+
+
+def test_two_process_torchrun_ends_with_identical_weights(tmp_path):  # LoRA under DDP
+    torchrun([*FAST, "--steps=2", "--eval_every=2", f"--out_dir={tmp_path}"], 29517)
+
+
+def test_per_block_fsdp2_on_two_processes_equals_one_process_and_resumes(tmp_path):
+    """Full fine-tuning, one FSDP2 unit per block: 2 processes x 1 prompt (stopped after step 1, resumed to step 2)
+    end with the weights, theta_old and theta_ref of 1 unsharded process x 2 prompts run straight to step 2."""
+    from safetensors.torch import load_file
+    args = [*FAST, "--lora_rank=0", "--gamma=0.9", "--lr=1e-3", "--steps=2"]  # gamma 0.9: theta_old's EMA must resume
+    train.main([*args, "--prompts_per_rank=2", f"--out_dir={tmp_path / 'one'}"])
+    torchrun([*args, "--steps=1", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"], 29527)
+    out = torchrun([*args, "--eval_every=2", "--resume=true", f"--out_dir={tmp_path / 'two'}"], 29528)
+    assert "2 rank(s) x 1 prompt(s)" in out
+    start = M.load_tiny().model.transformer.state_dict()
+    for f in ("transformer.safetensors", "old.safetensors", "ref.safetensors"):
+        one, two = (load_file(tmp_path / d / "ckpt-000002" / f) for d in ("one", "two"))
+        assert one.keys() == two.keys() == start.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5, msg=f"{f} {k}")
+        moved = [not torch.equal(one[k], start[k]) for k in start if ".ffn." in k]
+        assert all(moved) if f != "ref.safetensors" else not any(moved)  # theta trained, theta_old its EMA
+
+
+def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
+    """Per-block FSDP2 (gloo, one process): every block is its own unit, sharded (DTensor) at rest, gathered
+    only inside its own calls. CausalWan reads block weights only through CausalBlock's methods; a call FSDP2
+    did not see would meet sharded weights and fail. text_kv, the cached rollout, the cache-reading clip forward
+    and its gradients, with and without gradient checkpointing, must equal the unsharded model's."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        plain = copy.deepcopy(wan.model)
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        sharded = copy.deepcopy(plain)
+        policy_mod.shard(sharded)
+        blocks = sharded.transformer.blocks
+        assert isinstance(sharded, FSDPModule) and all(isinstance(b, FSDPModule) for b in blocks)
+        text, x_t = wan.text_encoder(["a fox in the snow"]), torch.randn(2, 16, 6, 8, 8)
+        runs = []
+        for m in (plain, sharded):
+            with torch.no_grad():
+                kv = m.text_kv(text)
+                g = group_rollout(m, kv, draw_noise(3, 1, (16, 3, 8, 8)), draw_noise(4, 2, (16, 6, 8, 8)), 3, 9)
+                cache = g.clip_cache(m, kv, 0, 2)
+            out = [torch.cat([k for k, _ in kv]), g.clips]
+            for ckpt in (False, True):
+                m.gradient_checkpointing = ckpt
+                v = policy_mod.ClipForward(m, N)(text, x_t, torch.tensor([0.9, 0.6]), cache, 3)
+                v.square().mean().backward()  # (FSDP2 reduces gradients in backward's hooks, not autograd.grad)
+                ps = list(m.transformer.parameters())
+                out += [v.detach()] + [p.grad.full_tensor() if isinstance(p, DTensor) else p.grad for p in ps]
+                m.zero_grad()
+            runs.append(out)
+        assert all(isinstance(p, DTensor) for p in blocks.parameters())  # resharded after every call
+        assert len(runs[0]) == len(runs[1])
+        for a, b in zip(*runs):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
 
 
 def blueness(frames, prompts):

@@ -80,15 +80,17 @@ def train_step(step, cfg, ctx):
     s = s if cfg.clip_start is None else cfg.clip_start
     order = torch.randperm(len(ctx.prompts), generator=shared).tolist()
     prompts = [ctx.prompts[order[(ctx.rank * P + j) % len(order)]] for j in range(P)]
-    # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3)
+    # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3).
+    # Draws are keyed by the prompt's place in the step (rank * P + j), not by rank: a step computes the same on
+    # any number of ranks (test_astrolabe.py checks 2 processes against 1)
     old, groups = ctx.policy.net("old"), []
     with torch.no_grad(), autocast(dev):
         for j, prompt in enumerate(prompts):
             lap("text")
             text = ctx.wan.text_encoder([prompt])
             lap("history")
-            hist = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 0), 1, ctx.wan.latent_shape(s), dev)
-            clip = draw_noise(seed_of(cfg.seed, step, ctx.rank, j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
+            hist = draw_noise(seed_of(cfg.seed, step, ctx.rank * P + j, 0), 1, ctx.wan.latent_shape(s), dev)
+            clip = draw_noise(seed_of(cfg.seed, step, ctx.rank * P + j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
             kv_old = old.text_kv(text)  # theta_old's text K/V: used again for its clip caches below
             groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
                                                                cfg.window_frames, n, m, lambda: lap("clips"))))
@@ -116,17 +118,19 @@ def train_step(step, cfg, ctx):
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
     # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
     N, mask_host = P * G, mask.cpu()  # one transfer: the loop below branches on it
-    n_masked = int(mask_host.sum())
-    noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank, 2))
     micro = [(j, i) for j in range(P) for i in range(0, G, m)]
     # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every forward a
-    # collective, so then all ranks decide together (one all-reduce per step)
+    # collective, so then all ranks decide together. The KL is a mean over the step's masked samples on all
+    # ranks: each rank divides by masked_total / world, as gradients are averaged over ranks (one all-reduce)
     need_ref = [bool(mask_host[j * G + i:j * G + i + m].any()) for j, i in micro]
+    masked_total, *any_ref = all_sum(mask_host.sum(), *need_ref)
     if not ctx.policy.lora:
-        need_ref = [x > 0 for x in all_sum(*need_ref)]
+        need_ref = [x > 0 for x in any_ref]
     policy_loss = kl_sum = torch.zeros((), device=dev)  # accumulated on the device: no host sync per micro-batch
     for k, (j, i) in enumerate(micro):
         _, text, kv_old, g = groups[j]
+        if i == 0:
+            noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank * P + j, 2))
         b = min(m, G - i)
         sl, x0 = slice(j * G + i, j * G + i + b), g.clips[i:i + b]
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
@@ -146,7 +150,7 @@ def train_step(step, cfg, ctx):
                 x0_theta = M.to_x0(x_t, ctx.train_net(text, x_t, sigma, cache, g.start), sigma)
             loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=N)
             if x0_ref is not None:
-                loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, n_masked)
+                loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, masked_total / ctx.world)
                 kl_sum = kl_sum + ((x0_theta.detach() - x0_ref).square().flatten(1).mean(1) * mask[sl]).sum()
             loss.backward()
         policy_loss = policy_loss + loss.detach()
@@ -158,8 +162,7 @@ def train_step(step, cfg, ctx):
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
     L.ema_(ctx.policy.params("old"), params, cfg.gamma)
-    kl_total, masked_total = all_sum(kl_sum, n_masked)
-    kl = kl_total / max(masked_total, 1)
+    kl = all_sum(kl_sum)[0] / max(masked_total, 1)
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
         L.copy_(ctx.policy.params("ref"), params)
