@@ -218,7 +218,7 @@ def test_no_gradient_reaches_history(wan):
 
 # ------------------------------------------------------------------ loaders
 def original_wan_keys(layers):
-    """Every key of the original Wan2.1 layout (DESIGN.md section 3), written out by hand."""
+    """Every key of the original Wan2.1 layout (the Wan 2.1 repository's wan/modules/model.py), written out by hand."""
     keys = [f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0",
                                   "time_embedding.2", "time_projection.1", "head.head") for p in ("weight", "bias")]
     keys += ["head.modulation"]
