@@ -159,9 +159,9 @@ def check_config(cfg):
     for k in ("gamma", "rho"):
         need(0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
     need(cfg.lora_rank == 0 or cfg.lora_alpha > 0, "lora_alpha", "must be positive (LoRA scale alpha / r)")
-    need(cfg.sink_frames <= cfg.window_frames, "sink_frames", f"must be at most window_frames={cfg.window_frames}")
     n = cfg.frames_per_block
     need(cfg.window_frames >= n, "window_frames", f"is smaller than one block (frames_per_block={n})")
+    need(cfg.sink_frames <= cfg.window_frames, "sink_frames", f"must be at most window_frames={cfg.window_frames}")
     for k in ("clip_frames", "max_history_frames", "eval_frames", "clip_start"):
         if (getattr(cfg, k) or 0) % n:
             raise SystemExit(f"error: {k}={getattr(cfg, k)} is not a multiple of frames_per_block={n}")

@@ -33,11 +33,11 @@ def read_torch(path, mmap=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{path}: damaged torch checkpoint ({e})") from None
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        raise ValueError(f"{path} holds code ({found.group(1) if found else 'a pickled Python object'}), not only "
-                         f"tensors: refused (checkpoints are read as data)") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the pickle names a function or class to call
+        if found:
+            raise ValueError(f"{path} holds code ({found.group(1)}), not only tensors: refused (checkpoints are "
+                             f"read as data)") from None
+        raise ValueError(f"{path}: damaged or not a torch checkpoint (unpickling failed)") from None
     except Exception as e:  # noqa: BLE001 -- torch's zip/legacy readers raise KeyError, RuntimeError, EOFError...
         raise ValueError(f"{path}: damaged or not a torch checkpoint ({type(e).__name__}: {e})") from None
 
