@@ -172,17 +172,23 @@ def check_config(cfg):
     if cfg.micro_batch < 1:
         raise SystemExit(f"error: micro_batch={cfg.micro_batch} must be at least 1")
     try:
-        names = [name for name, _ in parse_spec(cfg.reward)]
+        parse_spec(cfg.reward)
     except ValueError as e:
         raise SystemExit(f"error: --reward: {e}") from None
-    paths = {"model": cfg.model, "checkpoint": cfg.checkpoint, "base_lora": cfg.base_lora,
-             "hpsv3": cfg.hpsv3 if "hpsv3" in names else None,
-             "videoalign": cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
-             "videoalign_base": cfg.videoalign_base}
-    for k, path in paths.items():
-        need(path is None or os.path.exists(path), k, "does not exist")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        need(False, "out_dir", "is a file, not a folder")
+        raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
+
+
+def check_paths(cfg, generator=True, rewards=True):
+    """The files a run will load (the generator's, the rewards' the spec uses) exist, before loading any."""
+    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
+    paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
+                 videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
+                 videoalign_base=cfg.videoalign_base if any(k.startswith("videoalign_") for k in names) else None)
+    for k, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"error: {k}={path!r} does not exist")
 
 
 def check_frames(cfg, max_frames):

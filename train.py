@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import loss as L
 import model as M
-from config import check_config, check_frames, parse_config, read_prompts
+from config import check_config, check_frames, check_paths, parse_config, read_prompts
 from files import write_text_durably
 from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
@@ -200,6 +200,7 @@ def build(cfg, wan=None, reward_fn=None):
     """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer."""
     ctx = type("Context", (), {})()
     ctx.prompts, ctx.eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
+    check_paths(cfg, generator=wan is None, rewards=reward_fn is None)
     ctx.rank, ctx.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
