@@ -288,9 +288,13 @@ def test_loader_errors_name_the_keys(wan, tmp_path):
         M.load_wan_state_dict(fresh, {"encoder.layer.0.weight": torch.ones(1)})
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         M.read_checkpoint(str(tmp_path / "nope.pt"))
-    with pytest.raises(KeyError, match="generator_ema"):
+    with pytest.raises(ValueError, match="has no entry 'generator_ema'; top-level keys: \\['generator'\\]"):
         torch.save({"generator": sd}, tmp_path / "g.pt")
         M.read_checkpoint(str(tmp_path / "g.pt"), "generator_ema")
+    with pytest.raises(ValueError, match=r"another model size\?\): \['proj_out.weight \(3, 3\) != \(64, 32\)'\]"):
+        M.load_wan_state_dict(fresh, {**sd, "head.head.weight": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) values in 1 tensor\(s\), e.g. \['proj_out.bias'\]"):
+        M.load_wan_state_dict(fresh, {**sd, "head.head.bias": torch.full((64,), float("nan"))}, "g.pt")
 
 
 def test_longlive_lora_merges_into_base(wan):
