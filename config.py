@@ -1,10 +1,11 @@
 """Run configuration (nanoGPT habit): a dataclass of every knob, presets for the real generators, and
 `--key=value` overrides on the command line; plus the checks that must pass before any rollout starts."""
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
-from rewards import DEFAULT_OFFLINE_SPEC
+from rewards import DEFAULT_OFFLINE_SPEC, parse_spec
 
 
 @dataclass
@@ -17,7 +18,8 @@ class Config:
     # prompts, one per line
     prompts: str = "prompts/train.txt"
     eval_prompts: str = "prompts/eval.txt"
-    # streaming rollout (latent frames); video size in pixels (None: the generator's default)
+    # streaming rollout (latent frames); video size in pixels, a multiple of 16 = VAE stride 8 x patch 2
+    # (None: the generator's default)
     height: int = 32              # the tiny demo decodes 32x32 frames (4.6x faster than 64x64, as learnable)
     width: int = 32
     frames_per_block: int = 3
@@ -54,10 +56,11 @@ class Config:
     seed: int = 0
     # output
     out_dir: str = "out"
-    log_every: int = 1
-    eval_every: int = 50
+    log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
+    eval_every: int = 50          # evaluate every this many steps and at the end; 0: never
     eval_frames: int = 3
-    save_every: int = 100
+    save_every: int = 100         # a checkpoint every this many steps (>= 1) and at the end
+    keep_checkpoints: int = 1     # how many of the newest ckpt-* folders to keep
     resume: bool = False
 
 
@@ -85,6 +88,28 @@ PRESETS = {
 }
 
 
+BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+# fields that may differ from the checkpoint's on --resume (applied, and said so); any other difference is refused
+RESUME_MAY_CHANGE = ("steps", "lr", "weight_decay", "grad_clip", "gradient_checkpointing", "log_every", "eval_every",
+                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints")
+RESUME_IGNORED = ("out_dir", "resume")
+
+
+def _value(key, text, t, nullable):
+    if text.lower() == "none":
+        if not nullable:
+            raise SystemExit(f"error: --{key}=None: {key} needs a value")
+        return None
+    if t is bool:
+        if text.lower() not in BOOLS:
+            raise SystemExit(f"error: --{key}={text!r} is not a boolean (true/false, 1/0, yes/no)")
+        return BOOLS[text.lower()]
+    try:
+        return t(text)
+    except ValueError:
+        raise SystemExit(f"error: --{key}={text!r} is not {'an int' if t is int else 'a number'}") from None
+
+
 def parse_config(argv):
     """--preset=NAME first, then --key=value for any Config field; unknown names are errors."""
     kv = {}
@@ -101,29 +126,51 @@ def parse_config(argv):
     for k, v in kv.items():
         if k not in types:
             raise SystemExit(f"error: unknown config key {k!r}; keys: {sorted(types)}")
-        t = types[k]
-        if v.lower() == "none":
-            val = None
-        elif t is bool:
-            val = v.lower() in ("1", "true", "yes")
-        else:
-            val = (str if t is str else t)(v)
-        setattr(cfg, k, val)
+        nullable = Config.__dataclass_fields__[k].default is None or any(p.get(k, 0) is None for p in PRESETS.values())
+        setattr(cfg, k, v if types[k] is str and v.lower() != "none" else _value(k, v, types[k], nullable))
     return cfg
 
 
 def read_prompts(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: prompt file {path} does not exist")
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: prompt file {path} is not UTF-8 text ({e})") from None
     if not prompts:
         raise SystemExit(f"error: prompt file {path} has no prompts")
     return prompts
 
 
 def check_config(cfg):
+    """Every value the run depends on, before any weight is loaded; each error names the key and the value."""
+    def need(ok, key, why):
+        if not ok:
+            raise SystemExit(f"error: {key}={getattr(cfg, key)!r} {why}")
+    for k in ("frames_per_block", "window_frames", "clip_frames", "eval_frames", "prompts_per_rank", "steps",
+              "log_every", "save_every", "keep_checkpoints", "k_max"):
+        need(getattr(cfg, k) >= 1, k, "must be at least 1")
+    for k in ("sink_frames", "max_history_frames", "eval_every", "lora_rank"):
+        need(getattr(cfg, k) >= 0, k, "must be at least 0" + (" (0: never)" if k == "eval_every" else ""))
+    need(cfg.clip_start is None or cfg.clip_start >= 0, "clip_start", "must be at least 0")
+    for k in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
+        need(getattr(cfg, k) is None or getattr(cfg, k) >= 16 and getattr(cfg, k) % 16 == 0, k,
+             "must be a positive multiple of 16 (VAE stride 8 x patch 2), or None for the generator's default")
+    for f in dataclasses.fields(Config):
+        if f.type is float:
+            need(math.isfinite(getattr(cfg, f.name)), f.name, "must be a finite number")
+    for k in ("lr", "beta", "a_max", "tau_kl", "grad_clip"):
+        need(getattr(cfg, k) > 0, k, "must be positive")
+    for k in ("kl_weight", "weight_decay"):
+        need(getattr(cfg, k) >= 0, k, "must be at least 0")
+    for k in ("gamma", "rho"):
+        need(0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
+    need(cfg.lora_rank == 0 or cfg.lora_alpha > 0, "lora_alpha", "must be positive (LoRA scale alpha / r)")
     n = cfg.frames_per_block
+    need(cfg.window_frames >= n, "window_frames", f"is smaller than one block (frames_per_block={n})")
+    need(cfg.sink_frames <= cfg.window_frames, "sink_frames", f"must be at most window_frames={cfg.window_frames}")
     for k in ("clip_frames", "max_history_frames", "eval_frames", "clip_start"):
         if (getattr(cfg, k) or 0) % n:
             raise SystemExit(f"error: {k}={getattr(cfg, k)} is not a multiple of frames_per_block={n}")
@@ -133,3 +180,42 @@ def check_config(cfg):
         raise SystemExit(f"error: group_size={cfg.group_size}: advantages need at least 2 candidates per prompt")
     if cfg.micro_batch < 1:
         raise SystemExit(f"error: micro_batch={cfg.micro_batch} must be at least 1")
+    try:
+        parse_spec(cfg.reward)
+    except ValueError as e:
+        raise SystemExit(f"error: --reward: {e}") from None
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
+
+
+def check_paths(cfg, generator=True, rewards=True):
+    """The files a run will load (the generator's, the rewards' the spec uses) exist, before loading any."""
+    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
+    paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
+                 videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
+                 videoalign_base=cfg.videoalign_base if any(k.startswith("videoalign_") for k in names) else None)
+    for k, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"error: {k}={path!r} does not exist")
+
+
+def check_frames(cfg, max_frames):
+    """The generator's RoPE table bounds every absolute frame index a run reaches (model.CausalWan.rope)."""
+    last = max(cfg.max_history_frames, cfg.clip_start or 0) + cfg.clip_frames
+    if last > max_frames or (cfg.eval_every and cfg.eval_frames > max_frames):
+        raise SystemExit(f"error: clip_start/max_history_frames + clip_frames = {last} or eval_frames = "
+                         f"{cfg.eval_frames} is past the generator's {max_frames}-frame RoPE table")
+
+
+def resume_changes(saved, cfg):
+    """Compare a checkpoint's config with this run's: returns the changes that are applied ({key: (old, new)});
+    any other difference stops the run, listing every differing key (resume must equal an unbroken run)."""
+    now = dataclasses.asdict(cfg)
+    diff = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if saved[k] != now[k] and k not in RESUME_IGNORED}
+    refused = {k: v for k, v in diff.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise SystemExit(f"error: --resume with a config that differs from the checkpoint's in {listing} "
+                         f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    return {k: v for k, v in diff.items() if k in RESUME_MAY_CHANGE}

@@ -1,4 +1,4 @@
-"""Sink + rolling-window KV cache for block-by-block video generation (DESIGN.md section 3).
+"""Sink + rolling-window KV cache for block-by-block video generation (paper Sec. 3; Self-Forcing, LongLive).
 
 A block attends to the first `sink_frames` latent frames (kept forever) and to the
 `window_frames` most recent frames, itself included. Keys are stored *after* RoPE at their
@@ -20,6 +20,10 @@ class KVCache:
     def __init__(self, layers, batch, capacity_frames, tokens_per_frame, heads, head_dim,
                  sink_frames, window_frames, frames_per_block, dtype=torch.float32, device="cpu",
                  prefix=None):
+        sizes = dict(layers=layers, batch=batch, tokens_per_frame=tokens_per_frame, heads=heads, head_dim=head_dim,
+                     frames_per_block=frames_per_block)
+        if any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+            raise ValueError(f"cache sizes must be positive ints, got {sizes}")
         if window_frames < frames_per_block:
             raise ValueError(f"window_frames={window_frames} is smaller than one block ({frames_per_block} frames)")
         if not 0 <= sink_frames <= window_frames:
@@ -90,6 +94,8 @@ class KVCache:
         storage, with no copy when there is no prefix. store=False leaves the cache untouched and
         appends k, v (the training forward: noisy queries with gradients, clean cached context).
         An explicit `pos` lets gradient checkpointing recompute a block after the cache has moved on."""
+        if (pos or self.pos) is None:
+            raise ValueError("attend() before begin_block(): the cache does not know which block this is")
         (a, b), prefix_tokens = pos or self.pos
         a, b = a * self.tpf, b * self.tpf
         if k.shape[1] != b - a:

@@ -1,5 +1,5 @@
 """Causal Wan2.1 generator: diffusers' WanTransformer3DModel, its submodules and weights, run block by
-block with what streaming needs (DESIGN.md section 3): absolute RoPE frame positions (cached keys keep the
+block with what streaming needs (paper Sec. 3, after Self-Forcing and LongLive): absolute RoPE frame positions (cached keys keep the
 position they were generated at), self-attention over a sink + window cache (kv_cache.py), cross-attention
 K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding,
 loaders (diffusers folders; the original-Wan layout of Self-Forcing, Causal-Forcing, LongLive)
@@ -18,6 +18,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
 from offload import resident
+from files import read_json, read_safetensors, read_torch
 
 # ---------------------------------------------------------------------------------------------
 # Few-step schedule (Self-Forcing convention): steps [1000, 750, 500, 250] warped by shift 5,
@@ -291,7 +292,7 @@ def load_tiny(seed=0, text_len=32):
 
 
 # ---------------------------------------------------------------------------------------------
-# Original-Wan layout -> diffusers names (DESIGN.md section 3; the Wan 2.1 repo's model.py names).
+# Original-Wan layout -> diffusers names (the Wan 2.1 repository's wan/modules/model.py names).
 _RENAMES = [
     (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
     (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
@@ -324,19 +325,27 @@ def read_checkpoint(path, key=None):
 
     Self-Forcing / Causal-Forcing / LongLive files keep the generator under `generator_ema` or
     `generator`, LongLive's LoRA under `generator_lora`; `key` picks one, else the first present."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    sd = read_safetensors(path) if path.endswith(".safetensors") else read_torch(path, mmap=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
     nested = [k for k in ("generator_ema", "generator", "generator_lora", "state_dict") if k in sd]
     if key is not None:
         if key not in sd:
-            raise KeyError(f"{path} has no entry {key!r}; top-level keys: {sorted(sd)[:10]}")
-        return sd[key]
-    return sd[nested[0]] if nested else sd
+            raise ValueError(f"{path} has no entry {key!r}; top-level keys: {sorted(map(str, sd))[:10]}")
+        sd = sd[key]
+    elif nested:
+        sd = sd[nested[0]]
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not torch.is_tensor(v)] if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or bad:
+        raise ValueError(f"{path}: not a state dict of named tensors (e.g. {str(bad)[:100]})")
+    return sd
+
+
+def check_finite(sd, source):
+    """A NaN or inf weight would turn every frame black: stop at load time, naming the file and the tensor."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source}: non-finite (NaN or inf) values in {len(bad)} tensor(s), e.g. {bad[:3]}")
 
 
 def load_wan_state_dict(transformer, sd, source="state dict"):
@@ -346,6 +355,11 @@ def load_wan_state_dict(transformer, sd, source="state dict"):
             sd = {wan_to_diffusers(k): v for k, v in sd.items()}
         except KeyError as err:
             raise ValueError(f"unknown checkpoint layout in {source}: {err.args[0]}") from None
+    check_finite(sd, source)
+    own = transformer.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{source} does not match the Wan transformer (another model size?): {wrong[:5]}")
     missing, unexpected = transformer.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{source} does not match the Wan transformer: missing keys {missing[:20]}, "
@@ -356,12 +370,17 @@ def load_wan_state_dict(transformer, sd, source="state dict"):
 @torch.no_grad()
 def merge_lora(transformer, sd, alpha=None, source="LoRA"):
     """Fold a PEFT LoRA (LongLive's `generator_lora`) into the base weights: W += alpha/r B A."""
+    check_finite(sd, source)
     pairs = {}
     for k, v in sd.items():
         m = re.match(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight$", k)
         if not m:
             raise ValueError(f"{source}: not a LoRA key: {k!r}")
-        pairs.setdefault(wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")], {})[m.group(2)] = v
+        try:
+            name = wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")]
+        except KeyError as err:
+            raise ValueError(f"{source}: {err.args[0]}") from None
+        pairs.setdefault(name, {})[m.group(2)] = v
     modules = dict(transformer.named_modules())
     for name, ab in pairs.items():
         if name not in modules or set(ab) != {"A", "B"}:
@@ -378,15 +397,18 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
 
 def load_trained(transformer, path):
     """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights."""
-    import json
-    from safetensors.torch import load_file
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            alpha = json.load(f)["lora_alpha"]
-        return merge_lora(transformer, load_file(os.path.join(path, "adapter_model.safetensors")), alpha, path)
+        config = read_json(os.path.join(path, "adapter_config.json"))
+        alpha = config.get("lora_alpha") if isinstance(config, dict) else None
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"{path}/adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
+        file = os.path.join(path, "adapter_model.safetensors")
+        return merge_lora(transformer, read_safetensors(file), alpha, file)
     if os.path.isfile(os.path.join(path, "transformer.safetensors")):
-        return load_wan_state_dict(transformer, load_file(os.path.join(path, "transformer.safetensors")), path)
-    raise FileNotFoundError(f"{path} holds neither adapter_config.json nor transformer.safetensors")
+        file = os.path.join(path, "transformer.safetensors")
+        return load_wan_state_dict(transformer, read_safetensors(file), file)
+    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_config.json nor "
+                            f"transformer.safetensors")
 
 
 def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):

@@ -10,13 +10,19 @@ Full fine-tuning (lora_rank=0): three copies, sharded with FSDP2 under torchrun,
 import dataclasses
 import json
 import os
+import re
 import shutil
 import warnings
 
 import torch
 
 import loss as L
+from config import resume_changes
+from files import read_safetensors, read_torch, replace_durably, write_text_durably
+from model import check_finite
 from rollout import clip_velocity
+
+CKPT = re.compile(r"ckpt-\d{6}")  # the folders save_checkpoint writes; `latest` must name one of them
 
 
 class Policy:
@@ -124,9 +130,19 @@ def full_tensor(t):
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().contiguous()
 
 
+def clean_stale(out_dir):
+    """Remove what a crash during save_checkpoint leaves behind: ckpt-*.tmp folders and latest.tmp."""
+    for d in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if d == "latest.tmp" or d.startswith("ckpt-") and d.endswith(".tmp"):
+            path = os.path.join(out_dir, d)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            print(f"removed {path}, left by an interrupted save")
+
+
 def save_checkpoint(step, cfg, ctx):
-    """Atomic: written under a temporary name, renamed, then `latest` is switched (also atomically).
-    A crash at any point leaves the previous checkpoint whole and `latest` pointing at it."""
+    """Atomic: written under a temporary name, fsync'ed, renamed, then `latest` is switched (also atomically);
+    then all but the newest `keep_checkpoints` folders are removed. A crash (or a power loss) at any point leaves
+    the previous checkpoint whole and `latest` pointing at it."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     tensors = {name: {k: full_tensor(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}  # collective (FSDP)
@@ -146,37 +162,52 @@ def save_checkpoint(step, cfg, ctx):
     torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
                 "rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(cfg.out_dir, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(os.path.join(cfg.out_dir, "latest.tmp"), os.path.join(cfg.out_dir, "latest"))
-    for d in os.listdir(cfg.out_dir):  # keep only the newest checkpoint
-        if d.startswith("ckpt-") and d != os.path.basename(final):
-            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+    replace_durably(tmp, final)
+    write_text_durably(os.path.join(cfg.out_dir, "latest"), os.path.basename(final))
+    for d in sorted(d for d in os.listdir(cfg.out_dir) if CKPT.fullmatch(d))[:-cfg.keep_checkpoints]:
+        if d != os.path.basename(final):
+            shutil.rmtree(os.path.join(cfg.out_dir, d))
 
 
 def load_checkpoint(cfg, ctx):
-    """Resume from out_dir/latest; returns the step it was saved at. Strict: names and shapes must match."""
-    from safetensors.torch import load_file
+    """Resume from out_dir/latest; returns the step it was saved at and the config changes applied. Strict: names
+    and shapes must match, weights must be finite, the config may differ only where config.RESUME_MAY_CHANGE says.
+    A damaged file is a ValueError naming it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     pointer = os.path.join(cfg.out_dir, "latest")
     if not os.path.isfile(pointer):
         raise SystemExit(f"error: --resume but {pointer} does not exist")
     with open(pointer) as f:
-        path = os.path.join(cfg.out_dir, f.read().strip())
+        name = f.read().strip()
+    if not CKPT.fullmatch(name):
+        raise SystemExit(f"error: {pointer} holds {name[:80]!r}, not the name of a ckpt-NNNNNN folder in {cfg.out_dir}")
+    path = os.path.join(cfg.out_dir, name)
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: {pointer} names {path}, which does not exist")
+    state_file = os.path.join(path, "state.pt")
+    state = read_torch(state_file)
+    missing = {"step", "optimizer", "controller", "config", "rng"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise ValueError(f"{state_file} lacks {sorted(missing)}: not a state.pt written by train.py")
+    if cfg.steps <= state["step"]:
+        raise SystemExit(f"error: --steps={cfg.steps}: {path} is already at step {state['step']}; ask for more steps")
+    changes = resume_changes(state["config"], cfg)
     with torch.no_grad():
         for name, file in _files(ctx.policy).items():
-            saved, mine = load_file(os.path.join(path, file)), dict(ctx.policy.named(name))
+            file = os.path.join(path, file)
+            saved, mine = read_safetensors(file), dict(ctx.policy.named(name))
+            check_finite(saved, file)
             bad = sorted(set(saved) ^ set(mine)) + [k for k in mine if k in saved and saved[k].shape != full_tensor(mine[k]).shape]
             if bad:
-                raise SystemExit(f"error: {path}/{file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
+                raise SystemExit(f"error: {file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
             for k, p in mine.items():
                 full = saved[k].to(p.dtype)
                 p.copy_(torch.distributed.tensor.distribute_tensor(full, p.device_mesh, p.placements)
                         if hasattr(p, "device_mesh") else full.to(p.device))
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=True)
     set_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt, state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
+    for group in ctx.opt.param_groups:  # the saved param_groups carry the old values: this run's apply
+        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
     ctx.ctrl.load_state_dict(state["controller"])
     torch.set_rng_state(state["rng"])
-    return state["step"]
+    return state["step"], changes

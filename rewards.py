@@ -1,4 +1,4 @@
-"""Composite clip reward (DESIGN.md section 5): VQ = HPSv3 mu over the top 30% of frames, MQ = VideoAlign
+"""Composite clip reward (paper Sec. 3.3 / 4.1): VQ = HPSv3 mu over the top 30% of frames, MQ = VideoAlign
 on grayscale frames, TA = VideoAlign on RGB frames, composite = their weighted sum. Both reward models run
 Qwen2-VL as they were trained (MizzenAI/HPSv3 hpsv3/model/qwen2vl_trainer.py, KwaiVGI/VideoAlign
 trainer.py): embed tokens, run the vision tower, scatter its features into the embeddings, call the
@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from offload import resident
+from files import read_safetensors, read_torch
 
 DEFAULT_OFFLINE_SPEC = "colorfulness:1,smoothness:1,prompt_color:1"
 SOURCE_FPS = 16  # decoded Wan clips
@@ -245,9 +246,8 @@ def hpsv3_head(d, dtype=None):
 def load_hpsv3(path, device="cpu", tokenizer="Qwen/Qwen2-VL-7B-Instruct", config=None, pixels=(200704, 200704)):
     """HPSv3.safetensors (MizzenAI/HPSv3; 4.45 keys visual.*, model.*, lm_head, rm_head.{0,3,5}); tokenizer:
     Qwen2-VL's (a name, folder or object) plus <|Reward|> (hpsv3/train.py)."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
-    sd = to_v5_layout(load_file(str(need(path))))
+    sd = to_v5_layout(read_safetensors(str(need(path))))
     config = config or qwen2vl_config(3584, 18944, 28, 4, sd["model.language_model.embed_tokens.weight"].shape[0])
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
@@ -259,7 +259,6 @@ def load_videoalign(folder, device="cpu", tokenizer=None, base=None, config=None
     """VideoReward folder: model_config.json + checkpoint-<step>/ (the latest, as VideoAlign utils.py
     load_model_from_checkpoint) with tokenizer/ and either model.pth (full PEFT state dict, 4.45 keys under
     base_model.model.) or adapter_model.safetensors + non_lora_state_dict.pth over Qwen2-VL-2B-Instruct."""
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
     meta = json.loads(need(Path(folder) / "model_config.json").read_text())
     data, lora = meta["data_config"], meta["peft_lora_config"]
@@ -269,14 +268,14 @@ def load_videoalign(folder, device="cpu", tokenizer=None, base=None, config=None
     ckpt = need(steps[-1] if steps else Path(folder) / "checkpoint-<step>")
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(need(ckpt / "tokenizer")))
     if (ckpt / "model.pth").exists():
-        sd = torch.load(ckpt / "model.pth", map_location="cpu", weights_only=True)
+        sd = read_torch(str(ckpt / "model.pth"))
     else:  # base weights + the trained non-LoRA tensors (ViT, merger, head) + the adapter
         shards = need(base or "paths['videoalign_base'] (Qwen2-VL-2B-Instruct)").glob("*.safetensors")
-        sd = {"base_model.model." + k: v for s in sorted(shards) for k, v in load_file(str(s)).items()}
+        sd = {"base_model.model." + k: v for s in sorted(shards) for k, v in read_safetensors(str(s)).items()}
         emb = "base_model.model.model.embed_tokens.weight"  # train_reward.py: resize_token_embeddings(len(tok))
         sd[emb] = sd[emb][:len(tokenizer)]
-        sd.update(torch.load(need(ckpt / "non_lora_state_dict.pth"), map_location="cpu", weights_only=True))
-        sd.update(load_file(str(need(ckpt / "adapter_model.safetensors"))))
+        sd.update(read_torch(str(need(ckpt / "non_lora_state_dict.pth"))))
+        sd.update(read_safetensors(str(need(ckpt / "adapter_model.safetensors"))))
     sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
     if lora["lora_enable"]:
         sd = merge_lora(sd, lora["lora_alpha"] / (math.sqrt(lora["lora_r"]) if lora["use_rslora"] else lora["lora_r"]))
@@ -335,20 +334,33 @@ class CompositeReward:
         return out
 
 
+def parse_spec(spec):
+    """'name:weight,...' -> [(name, weight)]: names unique, weights finite (a NaN weight makes every composite NaN)."""
+    terms = []
+    for term in filter(None, map(str.strip, spec.split(","))):
+        name, _, weight = term.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"reward term {term!r} must be name:weight") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward {name!r} has a non-finite weight {weight!r}")
+        if not name or name in dict(terms) or name == "composite":
+            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
+        terms.append((name, w))
+    if not terms:
+        raise ValueError(f"empty reward spec {spec!r}")
+    return terms
+
+
 def build_reward(spec, device="cpu", paths=None):
     """spec: comma-separated name:weight terms; a name is an offline reward (colorfulness, smoothness,
     prompt_color), a model reward (hpsv3, videoalign_vq/_mq/_ta) or module:function on (frames, prompts).
     paths: "hpsv3" (HPSv3.safetensors), "videoalign" (VideoReward folder); optional "hpsv3_tokenizer",
     "videoalign_tokenizer", "videoalign_base" (Qwen2-VL-2B-Instruct folder, LoRA form only)."""
     paths, names, weights, fns, owners, models = dict(paths or {}), [], [], [], [], {}
-    for term in filter(None, map(str.strip, spec.split(","))):
-        name, _, weight = term.rpartition(":")
-        try:
-            weights.append(float(weight))
-        except ValueError:
-            raise ValueError(f"reward term {term!r} must be name:weight") from None
-        if not name or name in names or name == "composite":
-            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
+    for name, weight in parse_spec(spec):
+        weights.append(weight)
         key = "hpsv3" if name == "hpsv3" else "videoalign" if name in VIDEOALIGN_AXES else None
         if key and key not in models:  # one VideoAlign model serves all its axes
             if key not in paths:
@@ -364,13 +376,15 @@ def build_reward(spec, device="cpu", paths=None):
             fn = OFFLINE[name]
         elif ":" in name:
             module, _, attr = name.partition(":")
-            if not callable(fn := getattr(importlib.import_module(module), attr, None)):
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise ValueError(f"reward {name!r}: cannot import module {module!r} ({e})") from None
+            if not callable(fn := getattr(mod, attr, None)):
                 raise ValueError(f"reward {name!r}: module {module} has no function {attr}")
         else:
             raise ValueError(f"unknown reward {name!r}: use {[*OFFLINE, 'hpsv3', *VIDEOALIGN_AXES]} or module:function")
         names.append(name)
         fns.append(fn)
         owners.append(models.get(key))
-    if not names:
-        raise ValueError(f"empty reward spec {spec!r}")
     return CompositeReward(names, weights, fns, owners)

@@ -1,6 +1,6 @@
 """Few-step autoregressive sampling and the shared-prefix group rollout (paper Eq. 3).
 
-Per block of `frames_per_block` latent frames (Self-Forcing convention, DESIGN.md section 3):
+Per block of `frames_per_block` latent frames (Self-Forcing's convention, paper Sec. 3):
 4 denoising steps at the warped sigmas, re-noising x0 with fresh noise between steps, then one
 "context pass" of the clean x0 at t = 0 whose K/V overwrite the block's slot in the cache.
 
@@ -27,6 +27,8 @@ def new_cache(model, batch, latent_shape, sink_frames, window_frames, frames_per
     _, _, h, w = latent_shape
     cfg = model.transformer.config
     p = model.patch
+    if h % p[1] or w % p[2]:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the patch {p[1:]}")
     return KVCache(cfg.num_layers, batch, sink_frames + window_frames, (h // p[1]) * (w // p[2]),
                    cfg.num_attention_heads, cfg.attention_head_dim, sink_frames, window_frames, frames_per_block,
                    dtype or model.dtype, model.transformer.device)
@@ -44,13 +46,23 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     on_block(x0): called with each block's clean latents as soon as they exist (progressive decoding).
     cache_last_block=False skips the last block's context pass when nothing will attend to it (sampling).
     Returns clean latents [B, C, F, h, w] in fp32."""
+    if noise.ndim != 6 or noise.shape[1] != len(SIGMAS):
+        raise ValueError(f"noise must be [B, {len(SIGMAS)}, C, F, h, w] (draw_noise), got {tuple(noise.shape)}")
     B, S, C, F, h, w = noise.shape
     n = frames_per_block
-    if F % n:
+    if n < 1 or F % n:
         raise ValueError(f"{F} latent frames is not a whole number of {n}-frame blocks")
+    if start_frame < 0 or start_frame + F > model.max_frames:  # checked before generating, not at the last block
+        raise ValueError(f"frames [{start_frame}, {start_frame + F}) are past the {model.max_frames}-position RoPE table")
+    if cache.k[0].shape[0] != B:
+        raise ValueError(f"noise has batch {B}, the cache batch {cache.k[0].shape[0]}")
+    switches = dict(switches)
+    bad = [f for f in switches if f not in range(start_frame, start_frame + F, n)]
+    if bad:  # a switch elsewhere would silently never happen
+        raise ValueError(f"prompt switches {bad} are not block starts in [{start_frame}, {start_frame + F}) "
+                         f"(blocks of {n} frames)")
     dtype = model.dtype
     out = torch.empty(B, C, F, h, w, dtype=torch.float32, device=noise.device)
-    switches = dict(switches)
     for b in tqdm(range(F // n), desc="blocks", disable=not progress, leave=False):
         s = start_frame + b * n
         if s in switches:

@@ -71,9 +71,17 @@ def check_args(a):
     prompts = a.prompt.split("|")
     if any(not q.strip() for q in prompts):
         raise SystemExit(f"error: empty prompt in --prompt {a.prompt!r}")
+    if a.frames_per_block < 1:
+        raise SystemExit(f"error: --frames_per_block {a.frames_per_block} must be at least 1")
     if a.frames <= 0 or a.frames % a.frames_per_block:
         raise SystemExit(f"error: --frames {a.frames} is not a whole number of {a.frames_per_block}-frame blocks")
-    switches = [int(f) for f in a.switch.split(",") if f.strip()]
+    if not 0 <= a.sink <= a.window or a.window < a.frames_per_block:
+        raise SystemExit(f"error: --sink {a.sink} / --window {a.window}: need 0 <= sink <= window and a window of at "
+                         f"least one block ({a.frames_per_block} frames)")
+    try:
+        switches = [int(f) for f in a.switch.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --switch {a.switch!r} is not a comma-separated list of latent frames") from None
     if len(switches) != len(prompts) - 1:
         raise SystemExit(f"error: {len(prompts)} prompts need {len(prompts) - 1} --switch frames, got {switches}")
     if switches != sorted(set(switches)) or any(not 0 < f < a.frames or f % a.frames_per_block for f in switches):
@@ -81,6 +89,19 @@ def check_args(a):
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK) or os.path.isdir(a.out):
         raise SystemExit(f"error: cannot write --out {a.out}")
+    if os.path.splitext(a.out)[1].lower() != ".mp4":
+        raise SystemExit(f"error: --out {a.out!r} must end in .mp4 (the video is written with ffmpeg as mp4)")
+    for flag in ("model", "checkpoint", "base_lora", "lora"):
+        if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
+            raise SystemExit(f"error: --{flag} {getattr(a, flag)} does not exist")
+    if (a.checkpoint or a.base_lora) and not a.model:
+        raise SystemExit("error: --checkpoint and --base_lora need --model, the diffusers Wan2.1 folder they build on")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {a.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {a.device}: no CUDA GPU is available")
     return prompts, switches
 
 
@@ -88,9 +109,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     prompts, switches = check_args(a)
     cuda = a.device.startswith("cuda")
-    wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=torch.bfloat16 if cuda else torch.float32)
-    if a.lora:
-        M.load_trained(wan.model.transformer, a.lora)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
+        wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+        if a.lora:
+            M.load_trained(wan.model.transformer, a.lora)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if a.frames > wan.model.max_frames:  # cached keys keep absolute positions: the RoPE table bounds the video
+        raise SystemExit(f"error: --frames {a.frames} is past the generator's {wan.model.max_frames}-frame RoPE table")
     wan.to(a.device)
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 from fractions import Fraction
@@ -219,7 +220,7 @@ def test_no_gradient_reaches_history(wan):
 
 # ------------------------------------------------------------------ loaders
 def original_wan_keys(layers):
-    """Every key of the original Wan2.1 layout (DESIGN.md section 3), written out by hand."""
+    """Every key of the original Wan2.1 layout (the Wan 2.1 repository's wan/modules/model.py), written out by hand."""
     keys = [f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0",
                                   "time_embedding.2", "time_projection.1", "head.head") for p in ("weight", "bias")]
     keys += ["head.modulation"]
@@ -310,9 +311,13 @@ def test_loader_errors_name_the_keys(wan, tmp_path):
         M.load_wan_state_dict(fresh, {"encoder.layer.0.weight": torch.ones(1)})
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         M.read_checkpoint(str(tmp_path / "nope.pt"))
-    with pytest.raises(KeyError, match="generator_ema"):
+    with pytest.raises(ValueError, match="has no entry 'generator_ema'; top-level keys: \\['generator'\\]"):
         torch.save({"generator": sd}, tmp_path / "g.pt")
         M.read_checkpoint(str(tmp_path / "g.pt"), "generator_ema")
+    with pytest.raises(ValueError, match=r"another model size\?\): \['proj_out.weight \(3, 3\) != \(64, 32\)'\]"):
+        M.load_wan_state_dict(fresh, {**sd, "head.head.weight": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) values in 1 tensor\(s\), e.g. \['proj_out.bias'\]"):
+        M.load_wan_state_dict(fresh, {**sd, "head.head.bias": torch.full((64,), float("nan"))}, "g.pt")
 
 
 def test_longlive_lora_merges_into_base(wan):
@@ -428,12 +433,26 @@ def test_sample_writes_a_decodable_mp4(tmp_path):
     (["--prompt", "a|b|c", "--switch", "6,3", "--frames", "9"], "increasing block starts"),
     (["--prompt", "a|b"], "need 1 --switch"),
     (["--prompt", "a", "--out", "/nonexistent/dir/x.mp4"], "cannot write"),
+    (["--prompt", "a", "--frames", "6", "--frames_per_block", "0"], "--frames_per_block 0 must be at least 1"),
+    (["--prompt", "a", "--sink", "-1"], "--sink -1 / --window 21"),
+    (["--prompt", "a", "--sink", "9", "--window", "6"], "--sink 9 / --window 6"),
+    (["--prompt", "a", "--window", "2"], "--window 2"),
+    (["--prompt", "a|b", "--frames", "6", "--switch", "abc"], "--switch 'abc' is not a comma-separated"),
+    (["--prompt", "a", "--out", "v.txt"], "--out 'v.txt' must end in .mp4"),
+    (["--prompt", "a", "--out", "video"], "--out 'video' must end in .mp4"),
+    (["--prompt", "a", "--device", "tpu"], "--device 'tpu' is not a torch device"),
+    (["--prompt", "a", "--lora", "/nonexistent/ckpt"], "--lora /nonexistent/ckpt does not exist"),
+    (["--prompt", "a", "--model", "/nonexistent/wan"], "--model /nonexistent/wan does not exist"),
+    (["--prompt", "a", "--checkpoint", os.path.abspath(__file__)], "need --model"),
+    (["--prompt", "a", "--frames", "1026"], "--frames 1026 is past the generator's 1024-frame RoPE table"),
 ])
-def test_sample_rejects_bad_input_before_generating(tmp_path, args, msg):
+def test_sample_rejects_bad_input_before_generating(tmp_path, monkeypatch, args, msg):
     import sample
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated before rejecting the input"))
     args = args if "--out" in args else args + ["--out", str(tmp_path / "v.mp4")]
-    with pytest.raises(SystemExit, match=msg):
-        sample.main(args)
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        sample.main(args + ["--device", "cpu"] * ("--device" not in args))
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
@@ -761,10 +780,48 @@ def test_training_raises_the_reward_and_the_flipped_sign_lowers_it(tmp_path, sig
     (["--clip_frames=12", "--window_frames=9"], "longer than window_frames"),
     (["--group_size=1"], "at least 2 candidates"),
     (["steps=3"], "--key=value"),
+    (["--steps=abc"], "--steps='abc' is not an int"),
+    (["--steps=1.5"], "--steps='1.5' is not an int"),
+    (["--lr=1e-3x"], "--lr='1e-3x' is not a number"),
+    (["--steps=None"], "--steps=None: steps needs a value"),
+    (["--resume=ture"], "--resume='ture' is not a boolean"),
+    (["--gradient_checkpointing=maybe"], "--gradient_checkpointing='maybe' is not a boolean"),
+    (["--lora_rank=-1"], "lora_rank=-1 must be at least 0"),
+    (["--lora_alpha=0"], "lora_alpha=0 must be positive"),
+    (["--height=33"], "height=33 must be a positive multiple of 16"),
+    (["--width=50"], "width=50 must be a positive multiple of 16"),
+    (["--height=0"], "height=0 must be a positive multiple of 16"),
+    (["--width=8"], "width=8 must be a positive multiple of 16"),
+    (["--save_every=0"], "save_every=0 must be at least 1"),
+    (["--log_every=0"], "log_every=0 must be at least 1"),
+    (["--eval_every=-1"], r"eval_every=-1 must be at least 0 \(0: never\)"),
+    (["--frames_per_block=0"], "frames_per_block=0 must be at least 1"),
+    (["--prompts_per_rank=0"], "prompts_per_rank=0 must be at least 1"),
+    (["--eval_frames=0"], "eval_frames=0 must be at least 1"),
+    (["--clip_frames=0"], "clip_frames=0 must be at least 1"),
+    (["--max_history_frames=-3"], "max_history_frames=-3 must be at least 0"),
+    (["--clip_start=-3"], "clip_start=-3 must be at least 0"),
+    (["--sink_frames=12"], "sink_frames=12 must be at most window_frames=9"),
+    (["--window_frames=2", "--clip_frames=3"], "window_frames=2 is smaller than one block"),
+    (["--gamma=1.5"], r"gamma=1.5 must lie in \[0, 1\]"),
+    (["--rho=2"], r"rho=2.0 must lie in \[0, 1\]"),
+    (["--lr=nan"], "lr=nan must be a finite number"),
+    (["--a_max=0"], "a_max=0.0 must be positive"),
+    (["--grad_clip=0"], "grad_clip=0.0 must be positive"),
+    (["--keep_checkpoints=0"], "keep_checkpoints=0 must be at least 1"),
+    (["--reward=colorfulness:nan"], "--reward: reward 'colorfulness' has a non-finite weight 'nan'"),
+    (["--reward=colorfulness:1,smoothness:inf"], "reward 'smoothness' has a non-finite weight 'inf'"),
+    (["--reward=no_such_module:fn:1"], "cannot import module 'no_such_module'"),
+    (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
+    (["--out_dir=README.md"], "out_dir='README.md' is a file"),
+    (["--clip_start=1023"], "past the generator's 1024-frame RoPE table"),
 ])
-def test_train_rejects_bad_config_before_rollout(args, msg):
-    with pytest.raises(SystemExit, match=msg):
+def test_train_rejects_bad_config_before_rollout(monkeypatch, args, msg):
+    monkeypatch.setattr(train, "train_step", lambda *a: pytest.fail("a step ran before the config was rejected"))
+    monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("evaluated before the config was rejected"))
+    with pytest.raises(SystemExit, match=msg) as err:
         train.main(args)
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_train_rejects_empty_prompts_and_other_model_size(tmp_path):
@@ -773,8 +830,195 @@ def test_train_rejects_empty_prompts_and_other_model_size(tmp_path):
     with pytest.raises(SystemExit, match="has no prompts"):
         train.main([f"--prompts={empty}"])
     train.main(FAST + ["--steps=1", f"--out_dir={tmp_path}"])
-    with pytest.raises(SystemExit, match="does not fit this model"):
+    with pytest.raises(SystemExit, match="differs from the checkpoint's in lora_rank: 8 -> 4"):
         train.main(FAST + ["--steps=2", f"--out_dir={tmp_path}", "--resume=true", "--lora_rank=4"])
+
+
+# ------------------------------------------------------------------ bad files, resume hygiene (issue 16)
+class CodeInPickle:
+    def __reduce__(self):
+        return (os.system, ("echo never run",))
+
+
+def test_torch_files_read_as_data_with_clear_errors(tmp_path):
+    import files
+    legacy = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(41))}
+    torch.save(legacy, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert_same_tree(files.read_torch(str(tmp_path / "legacy.pt"), mmap=True), legacy)  # the old format still loads
+    torch.save({"generator": CodeInPickle()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match=r"evil.pt holds code \(posix.system\), not only tensors: refused") as err:
+        files.read_torch(str(tmp_path / "evil.pt"))
+    assert "weights_only" not in str(err.value)  # never invite the user to switch the safety off
+    (tmp_path / "junk.pt").write_bytes(os.urandom(64))
+    with pytest.raises(ValueError, match="junk.pt: damaged or not a torch checkpoint"):
+        files.read_torch(str(tmp_path / "junk.pt"))
+    save_file({"a": torch.randn(4)}, tmp_path / "t.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:20])
+    with pytest.raises(ValueError, match="cut.safetensors: damaged or not a safetensors file"):
+        files.read_safetensors(str(tmp_path / "cut.safetensors"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors: no such file"):
+        files.read_safetensors(str(tmp_path / "missing.safetensors"))
+
+
+def test_replace_durably_fsyncs_files_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
+    import files
+    events, real_replace = [], os.replace
+    monkeypatch.setattr(files, "fsync", lambda path: events.append(("fsync", os.path.basename(path))))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", os.path.basename(b))), real_replace(a, b)))
+    (tmp_path / "ckpt.tmp").mkdir()
+    for name in ("a.safetensors", "state.pt"):
+        (tmp_path / "ckpt.tmp" / name).write_bytes(os.urandom(8))
+    files.replace_durably(str(tmp_path / "ckpt.tmp"), str(tmp_path / "ckpt"))
+    assert sorted(events[:2]) == [("fsync", "a.safetensors"), ("fsync", "state.pt")]
+    assert events[2:] == [("fsync", "ckpt.tmp"), ("rename", "ckpt"), ("fsync", tmp_path.name)]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["a.safetensors", "state.pt"]
+
+
+def lora_folder(root, alpha=8, value=None):
+    """A train.py-style LoRA checkpoint folder for the tiny model (one adapted Linear)."""
+    g = torch.Generator().manual_seed(43)
+    sd = {"blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32, generator=g),
+          "blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4, generator=g)}
+    if value is not None:
+        sd["blocks.0.attn1.to_q.lora_B.weight"][3, 1] = value
+    os.makedirs(root, exist_ok=True)
+    save_file(sd, os.path.join(root, "adapter_model.safetensors"))
+    with open(os.path.join(root, "adapter_config.json"), "w") as f:
+        f.write(alpha if isinstance(alpha, str) else json.dumps({"lora_alpha": alpha}))
+    return root
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (dict(value=float("nan")), r"adapter_model.safetensors: non-finite \(NaN or inf\) values in 1 tensor"),
+    (dict(value=float("inf")), r"adapter_model.safetensors: non-finite"),
+    (dict(alpha="{not json"), r"adapter_config.json: not valid JSON"),
+    (dict(alpha="[8]"), r"adapter_config.json: lora_alpha must be a positive number, got None"),
+    (dict(alpha=0), r"adapter_config.json: lora_alpha must be a positive number, got 0"),
+    (dict(alpha='{"lora_alpha": "8"}'), r"lora_alpha must be a positive number, got '8'"),
+])
+def test_sample_refuses_a_damaged_lora_folder_before_generating(tmp_path, monkeypatch, damage, msg):
+    import sample
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated from a damaged checkpoint"))
+    folder = lora_folder(str(tmp_path / "ckpt-000001"), **damage)
+    with pytest.raises(SystemExit, match=msg):
+        sample.main(["--prompt", "a", "--frames", "3", "--lora", folder, "--out", str(tmp_path / "v.mp4"), "--device", "cpu"])
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_lora_folder_merges_exactly_and_missing_files_are_named(tmp_path):
+    tr = M.load_tiny().model.transformer
+    before = tr.blocks[0].attn1.to_q.weight.detach().clone()
+    folder = lora_folder(str(tmp_path / "ok"), alpha=2)
+    M.load_trained(tr, folder)
+    g = torch.Generator().manual_seed(43)
+    A, B = torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g)
+    torch.testing.assert_close(tr.blocks[0].attn1.to_q.weight, before + 0.5 * B @ A)  # alpha / r = 2 / 4
+    os.remove(os.path.join(folder, "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="ok/adapter_model.safetensors: no such file"):
+        M.load_trained(tr, folder)
+    with pytest.raises(FileNotFoundError, match="holds neither adapter_config.json nor transformer.safetensors"):
+        M.load_trained(tr, str(tmp_path))
+
+
+def test_generate_rejects_switches_off_block_starts_and_frames_past_rope(wan):
+    m, kv = wan.model, text_kv(wan)
+    calls, forward = [], m.forward
+    m.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        for frames, msg in [((4,), r"switches \[4\] are not block starts in \[0, 6\)"),
+                            ((9,), r"switches \[9\] are not block starts"), ((-3,), r"switches \[-3\]")]:
+            with pytest.raises(ValueError, match=msg):
+                generate(m, kv, draw_noise(5, 1, (16, 6, 8, 8)), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N),
+                         switches=[(f, kv) for f in frames])
+        with pytest.raises(ValueError, match=r"frames \[1020, 1026\) are past the 1024-position RoPE table"):
+            generate(m, kv, draw_noise(5, 1, (16, 6, 8, 8)), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N), 1020)
+        with pytest.raises(ValueError, match=r"noise must be \[B, 4, C, F, h, w\]"):
+            generate(m, kv, torch.randn(1, 16, 6, 8, 8), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N))
+        with pytest.raises(ValueError, match="noise has batch 2, the cache batch 1"):
+            generate(m, kv, draw_noise(5, 2, (16, 3, 8, 8)), new_cache(m, 1, (16, 3, 8, 8), 3, 9, N))
+        with pytest.raises(ValueError, match=r"latent size 7x8 is not divisible by the patch \(2, 2\)"):
+            new_cache(m, 1, (16, 3, 7, 8), 3, 9, N)
+        with pytest.raises(ValueError, match="cache sizes must be positive ints"):
+            KVCache(2, 0, 12, 16, 2, 16, sink_frames=3, window_frames=9, frames_per_block=3)
+        with pytest.raises(ValueError, match="attend\\(\\) before begin_block"):
+            KVCache(2, 1, 12, 16, 2, 16, 3, 9, 3).attend(0, torch.randn(1, 48, 2, 16), torch.randn(1, 48, 2, 16), True)
+        assert calls == []  # every error came before the first forward
+    finally:
+        del m.forward
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "no log file"), ("", "has no rows with a step and a composite reward"),
+    ('{"step": 1, "eval/composite": 0.5}\n{oops\n', "line 2 is not JSON"),
+    ('{"step": 1, "time/rollout": 2.0}\n', "has no rows with a step and a composite reward"),
+])
+def test_report_refuses_logs_with_nothing_to_draw(tmp_path, content, msg):
+    path = tmp_path / "log.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=msg):
+        train.main(["report", str(path)])
+    assert not (tmp_path / "log.png").exists()
+
+
+def test_resume_trims_the_log_cleans_tmp_and_keeps_k_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = FAST + ["--save_every=1", "--keep_checkpoints=2", f"--out_dir={out}"]
+    train.main(args + ["--steps=3"])
+    assert sorted(os.listdir(out)) == ["ckpt-000002", "ckpt-000003", "latest", "log.jsonl"]
+    # a crash after step 3 was logged, while its checkpoint was being written: ckpt-000003 never renamed
+    shutil.rmtree(out / "ckpt-000003")
+    (out / "ckpt-000003.tmp").mkdir()
+    (out / "ckpt-000003.tmp" / "old.safetensors").write_bytes(b"")
+    (out / "latest").write_text("ckpt-000002")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/comp')  # a line torn by the crash
+    capsys.readouterr()
+    train.main(args + ["--steps=4", "--resume=true"])
+    printed = capsys.readouterr().out
+    assert "ckpt-000003.tmp, left by an interrupted save" in printed
+    assert "resuming from step 2" in printed and "dropped 2 row(s) past step 2" in printed
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out)) == ["ckpt-000003", "ckpt-000004", "latest", "log.jsonl"]
+
+
+def test_resume_validates_the_checkpoint_and_the_config(tmp_path, capsys):
+    import shutil as sh
+    src = tmp_path / "src"
+    train.main(FAST + ["--steps=1", f"--out_dir={src}"])
+
+    def attempt(name, damage, *extra):
+        out = tmp_path / name
+        sh.copytree(src, out)
+        damage(out, out / "ckpt-000001")
+        train.main(FAST + [f"--out_dir={out}", "--resume=true", "--steps=2", *extra])
+        return out
+
+    cases = [
+        ("outside", lambda o, c: (o / "latest").write_text("../src/ckpt-000001"), "not the name of a ckpt-NNNNNN folder"),
+        ("gone", lambda o, c: (o / "latest").write_text("ckpt-000007"), "ckpt-000007, which does not exist"),
+        ("code", lambda o, c: torch.save({"step": 1, "x": CodeInPickle()}, c / "state.pt"), "state.pt holds code"),
+        ("junk", lambda o, c: (c / "state.pt").write_bytes(os.urandom(40)), "state.pt: damaged or not a torch checkpoint"),
+        ("keys", lambda o, c: torch.save({"step": 1}, c / "state.pt"), "state.pt lacks"),
+        ("nostate", lambda o, c: os.remove(c / "state.pt"), "state.pt: no such file"),
+        ("cut", lambda o, c: (c / "old.safetensors").write_bytes(b"\x05"), "old.safetensors: damaged"),
+        ("nan", lambda o, c: save_file({k: v.fill_(float("nan")) for k, v in
+                                        __import__("safetensors.torch").torch.load_file(c / "ref.safetensors").items()},
+                                       c / "ref.safetensors"), "ref.safetensors: non-finite"),
+    ]
+    for name, damage, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            attempt(name, damage)
+    with pytest.raises(SystemExit, match=r"differs from the checkpoint's in group_size: 2 -> 4, micro_batch: 2 -> 4, "
+                                         r"seed: 0 -> 5 \(only steps, lr"):
+        attempt("config", lambda o, c: None, "--group_size=4", "--micro_batch=4", "--seed=5")
+    with pytest.raises(SystemExit, match="--steps=1: .* is already at step 1"):
+        attempt("behind", lambda o, c: None, "--steps=1")
+    capsys.readouterr()
+    out = attempt("lr", lambda o, c: None, "--lr=0.001")  # applied to the optimizer, and said so
+    assert "resuming from step 1; lr 0.02 -> 0.001" in capsys.readouterr().out
+    state = read_ckpt(out)[1]
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.001] and state["config"]["lr"] == 0.001
 
 
 # ------------------------------------------------------------------ loss (issue 5)

@@ -20,8 +20,9 @@ import loss as L
 import model as M
 import offload
 import vae as V
-from config import check_config, parse_config, read_prompts
-from policy import ClipForward, Policy, full_tensor, load_checkpoint, save_checkpoint
+from config import check_config, check_frames, check_paths, parse_config, read_prompts
+from files import write_text_durably
+from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
 from rollout import SIGMAS, clip_velocity, draw_noise, generate, group_rollout, new_cache
 from sample import save_video
@@ -71,7 +72,7 @@ class Laps:
 
 
 def train_step(step, cfg, ctx):
-    """One step of Algorithm 1 on this rank (DESIGN.md section 4); returns the step's metrics."""
+    """One step of Algorithm 1 on this rank (paper Sec. 3, Eq. 1-4; README "Training"); returns the step's metrics."""
     P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
     lap, t0, moved = Laps(dev, getattr(ctx, "lap_hook", None)), time.perf_counter(), offload.MOVED["bytes"]
     # 1. clip start s, the same on every rank (drawn from the shared seed); s = 0 trains the first clip
@@ -207,10 +208,23 @@ def evaluate(step, cfg, ctx):
 
 def report(path):
     """JSONL log -> PNG: the composite (training mean over 10 steps, held-out evaluations) and each held-out reward."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: train.py report draws with matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(path)]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no log file {path}")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path} line {i} is not JSON ({e})") from None
+    if not any("reward/composite" in r or "eval/composite" in r for r in rows if isinstance(r, dict) and "step" in r):
+        raise SystemExit(f"error: {path} has no rows with a step and a composite reward: nothing to draw")
     series = lambda key: list(zip(*[(r["step"], r[key]) for r in rows if key in r])) or [(), ()]  # noqa: E731
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps, comp = series("reward/composite")
@@ -230,6 +244,7 @@ def build(cfg, wan=None, reward_fn=None):
     """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer."""
     ctx = type("Context", (), {})()
     ctx.prompts, ctx.eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
+    check_paths(cfg, generator=wan is None, rewards=reward_fn is None)
     ctx.rank, ctx.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
@@ -258,14 +273,43 @@ def build(cfg, wan=None, reward_fn=None):
     return ctx
 
 
+def trim_log(path, step):
+    """On resume: drop the rows past the checkpoint's step (the crashed run's steps are redone) and a torn last line."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut by a crash mid-write
+    if len(keep) < len(lines):
+        write_text_durably(path, "".join(line + "\n" for line in keep))
+        print(f"{path}: dropped {len(lines) - len(keep)} row(s) past step {step}")
+
+
 def main(argv):
     if argv[:1] == ["report"]:
+        if len(argv) > 2:
+            raise SystemExit(f"error: train.py report takes one log file, got {argv[1:]}")
         return report(argv[1] if len(argv) > 1 else "out/log.jsonl")
     cfg = parse_config(argv)
     check_config(cfg)
-    ctx = build(cfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    start = load_checkpoint(cfg, ctx) if cfg.resume else 0
+    try:  # loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
+        ctx = build(cfg)
+        check_frames(cfg, ctx.wan.model.max_frames)
+        if ctx.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            clean_stale(cfg.out_dir)
+        start, changes = load_checkpoint(cfg, ctx) if cfg.resume else (0, {})
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if ctx.rank == 0 and cfg.resume:
+        print(f"resuming from step {start}" + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items())))
+        trim_log(os.path.join(cfg.out_dir, "log.jsonl"), start)
     trainable = sum(p.numel() for p in ctx.policy.params("default"))
     if ctx.rank == 0:
         P, G = cfg.prompts_per_rank, cfg.group_size
