@@ -52,13 +52,14 @@ class Config:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
-    steps: int = 200
+    steps: int = 100
     seed: int = 0
     # output
     out_dir: str = "out"
     log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
-    eval_every: int = 50          # evaluate every this many steps and at the end; 0: never
+    eval_every: int = 25          # evaluate every this many steps and at the end; 0: never
     eval_frames: int = 3
+    eval_seeds: int = 16          # fixed noises per held-out prompt: the same samples at every evaluation (paired)
     save_every: int = 100         # a checkpoint every this many steps (>= 1) and at the end
     keep_checkpoints: int = 1     # how many of the newest ckpt-* folders to keep
     resume: bool = False
@@ -67,6 +68,7 @@ class Config:
 _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=12, prompts_per_rank=1, group_size=24,
               micro_batch=3, lora_rank=256,
               lora_alpha=256, lr=1e-5, gradient_checkpointing=True, steps=400, eval_every=50, eval_frames=21,
+              eval_seeds=4,
               save_every=50, reward="hpsv3:1,videoalign_mq:1,videoalign_ta:1", hpsv3="checkpoints/HPSv3.safetensors",
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
@@ -149,7 +151,7 @@ def check_config(cfg):
     def need(ok, key, why):
         if not ok:
             raise SystemExit(f"error: {key}={getattr(cfg, key)!r} {why}")
-    for k in ("frames_per_block", "window_frames", "clip_frames", "eval_frames", "prompts_per_rank", "steps",
+    for k in ("frames_per_block", "window_frames", "clip_frames", "eval_frames", "eval_seeds", "prompts_per_rank", "steps",
               "log_every", "save_every", "keep_checkpoints", "k_max"):
         need(getattr(cfg, k) >= 1, k, "must be at least 1")
     for k in ("sink_frames", "max_history_frames", "eval_every", "lora_rank"):

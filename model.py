@@ -282,12 +282,34 @@ TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, a
                 temperal_downsample=[False, True, True])
 
 
+@torch.no_grad()
+def responsive_tiny_vae(vae):
+    """Make a random tiny decoder's pixels follow the latents (the tiny model only; real VAEs are loaded).
+
+    At its default initialisation the random decoder's biases and residual branches drown its input: a clip's
+    mean colour moves by about 0.003 per unit latent shift and barely differs between samples, so no reward
+    on colour can be learnt. Here every residual branch (conv2, attention proj) starts at zero (the blocks
+    pass their input through), the biases before the output conv are zero, and conv_in averages its
+    3x3x3 neighbourhood: what remains is a linear map of the latents' local mean, one RMS norm, SiLU and
+    conv_out (doubled for contrast). A constant latent shift then moves the mean colour by up to ~0.18 per
+    unit, in two of three colour directions; latents_mean = 0 keeps the scale-free map centred."""
+    dec = vae.decoder
+    for name, mod in dec.named_modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Conv3d)) and name != "conv_out":
+            mod.bias.zero_()
+            if name.endswith(("conv2", "proj")):
+                mod.weight.zero_()
+    dec.conv_in.weight.copy_(dec.conv_in.weight.mean((2, 3, 4), keepdim=True).expand_as(dec.conv_in.weight))
+    dec.conv_out.weight.mul_(2.0)
+    return vae
+
+
 def load_tiny(seed=0, text_len=32):
     """A tiny, seeded Wan: 2 layers of width 32, 64x64 pixels (8x8 latents, 16 tokens a frame)."""
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
     encoder = UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
-    vae = AutoencoderKLWan(**TINY_VAE).eval()
+    vae = responsive_tiny_vae(AutoencoderKLWan(**TINY_VAE, latents_mean=[0.0] * 16, latents_std=[1.0] * 16).eval())
     return Wan(CausalWan(transformer).eval(), TextEncoder(ByT5Tokenizer(), encoder, text_len), vae, 64, 64)
 
 

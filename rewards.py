@@ -287,7 +287,14 @@ def load_videoalign(folder, device="cpu", tokenizer=None, base=None, config=None
 
 
 # ------------------------------------------------------------------------------------ composite
-OFFLINE = {"colorfulness": colorfulness, "smoothness": smoothness, "prompt_color": prompt_color}
+def random_control(frames, prompts):
+    """A content-free control: uniform noise from the global generator, whatever the clip. Training on it must
+    leave every real reward within noise (README, "Does it learn?")."""
+    return torch.rand(len(prompts))
+
+
+OFFLINE = {"colorfulness": colorfulness, "smoothness": smoothness, "prompt_color": prompt_color,
+           "random_control": random_control}
 VIDEOALIGN_AXES = {"videoalign_vq": dict(axis="VQ", gray=False), "videoalign_mq": dict(axis="MQ", gray=True),
                    "videoalign_ta": dict(axis="TA", gray=False)}  # the paper: MQ on grayscale, TA on RGB
 

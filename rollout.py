@@ -17,6 +17,11 @@ from kv_cache import KVCache
 from model import SIGMAS, add_noise, to_x0
 
 
+def seed_of(*xs):
+    """A 31-bit seed from ints (Python hashes int tuples the same in every process)."""
+    return hash(xs) & 0x7FFFFFFF
+
+
 def draw_noise(seed, batch, latent_shape, device="cpu"):
     """Seeded noise [batch, steps, C, F, h, w], drawn on the CPU so every device agrees."""
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate as E
 import loss as L
 import model as M
 import offload
@@ -24,13 +25,8 @@ from config import check_config, check_frames, check_paths, parse_config, read_p
 from files import write_text_durably
 from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
-from rollout import SIGMAS, clip_velocity, draw_noise, generate, group_rollout, new_cache
+from rollout import SIGMAS, clip_velocity, draw_noise, group_rollout, seed_of
 from sample import save_video
-
-
-def seed_of(*xs):
-    """A 31-bit seed from ints (Python hashes int tuples the same in every process)."""
-    return hash(xs) & 0x7FFFFFFF
 
 
 def autocast(device):
@@ -184,30 +180,26 @@ def train_step(step, cfg, ctx):
 
 @torch.no_grad()
 def evaluate(step, cfg, ctx):
-    """theta on the held-out prompts, fixed noise: mean rewards; mp4s of this rank's prompts."""
-    net, n = ctx.policy.net("default"), cfg.frames_per_block
-    shape, totals = ctx.wan.latent_shape(cfg.eval_frames), {}
-    os.makedirs(os.path.join(cfg.out_dir, "samples"), exist_ok=True)
-    count = len(ctx.eval_prompts)
-    for i in range(ctx.rank, -(-count // ctx.world) * ctx.world, ctx.world):  # equal work on every rank (FSDP2)
-        prompt = ctx.eval_prompts[i % count]
-        with autocast(ctx.device):
-            cache = new_cache(net, 1, shape, cfg.sink_frames, cfg.window_frames, n)
-            latents = generate(net, net.text_kv(ctx.wan.text_encoder([prompt])),
-                               draw_noise(seed_of(cfg.seed, i), 1, shape, ctx.device), cache, 0, n)
-        if i >= count:  # padding: generated only to keep the ranks in step
-            continue
-        frames = V.decode(ctx.wan.vae, latents)
-        for k, v in ctx.reward_fn(frames, [prompt]).items():
-            totals[k] = totals.get(k, 0.0) + float(v.sum())
-        save_video(frames[0], os.path.join(cfg.out_dir, "samples", f"step{step:05d}_prompt{i}.mp4"))
-    keys = ["composite"] + list(ctx.reward_fn.names)
-    sums = all_sum(*(totals.get(k, 0.0) for k in keys))
-    return {f"eval/{k}": v / len(ctx.eval_prompts) for k, v in zip(keys, sums)}
+    """theta on the held-out prompts x eval_seeds fixed noises (evaluate.score_samples): per-sample scores,
+    also written to samples/scores_stepNNNNN.csv; an mp4 of each prompt's first seed."""
+    net, out = ctx.policy.net("default"), os.path.join(cfg.out_dir, "samples")
+    os.makedirs(out, exist_ok=True)
+
+    def save(i, seeds, video):
+        if seeds[0] == 0:
+            save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
+    seeds = list(range(cfg.eval_seeds))
+    scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
+                             cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
+                             lambda: autocast(ctx.device), save, ctx.rank, ctx.world)
+    if ctx.rank == 0:
+        E.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
+    return scores
 
 
 def report(path):
-    """JSONL log -> PNG: the composite (training mean over 10 steps, held-out evaluations) and each held-out reward."""
+    """JSONL log -> PNG: the composite (training mean over 10 steps; held-out mean +/- s.e.) and each held-out
+    reward's paired change since step 0 (mean +/- s.e. of the per-sample differences)."""
     try:
         import matplotlib
     except ImportError:
@@ -225,15 +217,17 @@ def report(path):
                 raise SystemExit(f"error: {path} line {i} is not JSON ({e})") from None
     if not any("reward/composite" in r or "eval/composite" in r for r in rows if isinstance(r, dict) and "step" in r):
         raise SystemExit(f"error: {path} has no rows with a step and a composite reward: nothing to draw")
-    series = lambda key: list(zip(*[(r["step"], r[key]) for r in rows if key in r])) or [(), ()]  # noqa: E731
+    series = lambda *keys: list(zip(*[[r["step"]] + [r[k] for k in keys] for r in rows if keys[0] in r])) or \
+        [()] * (len(keys) + 1)  # noqa: E731
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps, comp = series("reward/composite")
     left.plot(steps, [sum(comp[max(0, i - 9):i + 1]) / len(comp[max(0, i - 9):i + 1]) for i in range(len(comp))],
               label="training (10-step mean)")
-    left.plot(*series("eval/composite"), marker="o", label="held-out prompts")
-    for key in sorted({k for r in rows for k in r if k.startswith("eval/") and k != "eval/composite"}):
-        right.plot(*series(key), marker="o", label=key[5:])
-    for ax, title in ((left, "composite reward"), (right, "held-out rewards")):
+    left.errorbar(*series("eval/composite", "eval/composite_se"), marker="o", capsize=3, label="held-out prompts")
+    for key in sorted({k[5:-6] for r in rows for k in r if k.startswith("eval/") and k.endswith("_delta")}):
+        right.errorbar(*series(f"eval/{key}_delta", f"eval/{key}_delta_se"), marker="o", capsize=3, label=key)
+    right.axhline(0, color="gray", lw=0.8)
+    for ax, title in ((left, "composite reward"), (right, "held-out change since step 0 (paired)")):
         ax.set_title(title), ax.set_xlabel("step"), ax.legend(fontsize=7), ax.grid(alpha=0.3)
     out = os.path.splitext(path)[0] + ".png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -318,15 +312,21 @@ def main(argv):
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
               f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if ctx.rank == 0 else None
-    first_eval = last_eval = None
+    base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
+    base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:
-        first_eval = evaluate(0, cfg, ctx)
-        log and log.write(json.dumps({"step": 0, **first_eval}) + "\n")
+        base = evaluate(0, cfg, ctx)
+        log and log.write(json.dumps({"step": 0, **E.summary(base, base)}) + "\n")
+    elif cfg.eval_every and os.path.isfile(base_csv):
+        base = E.read_scores(base_csv, "theta")
+        if base["composite"].shape != (len(ctx.eval_prompts), cfg.eval_seeds):
+            raise SystemExit(f"error: {base_csv} holds {tuple(base['composite'].shape)} prompts x seeds, this run "
+                             f"evaluates {len(ctx.eval_prompts)} x eval_seeds={cfg.eval_seeds}: they cannot be paired")
     for step in tqdm(range(start + 1, cfg.steps + 1), desc="steps", disable=ctx.rank != 0):
         row = train_step(step, cfg, ctx)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, ctx)
-            row.update(last_eval)
+            row.update(E.summary(last_eval, base))
         if log and (step % cfg.log_every == 0 or "eval/composite" in row):
             log.write(json.dumps(row) + "\n")
             log.flush()
@@ -338,9 +338,12 @@ def main(argv):
     sums = all_sum(checksum, checksum ** 2)
     if abs(sums[1] / ctx.world - (sums[0] / ctx.world) ** 2) > 1e-9 * max(1.0, checksum ** 2):
         raise RuntimeError("ranks ended with different trainable weights")
-    if ctx.rank == 0 and first_eval and last_eval:
-        print(f"held-out composite reward: {first_eval['eval/composite']:.4f} (start) -> "
-              f"{last_eval['eval/composite']:.4f} (step {cfg.steps})")
+    if ctx.rank == 0 and base is not None and last_eval is not None:
+        s = E.summary(last_eval, base)
+        print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), step 0 -> {cfg.steps}: "
+              + "; ".join(f"{k} {float(base[k].mean()):.4f} -> {s[f'eval/{k}']:.4f}, paired change "
+                          f"{s[f'eval/{k}_delta']:+.4f} +/- {s[f'eval/{k}_delta_se']:.4f} s.e. "
+                          f"({100 * s[f'eval/{k}_improved']:.0f}% improved)" for k in base))
     if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock
         del ctx.train_net
         dist.destroy_process_group()
