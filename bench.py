@@ -1,13 +1,17 @@
-"""GPU benchmarks at the real Wan2.1-T2V-1.3B size, random weights (timing needs no trained weights), bf16.
+"""GPU benchmarks at the real sizes (Wan2.1-T2V-1.3B, umT5-XXL, the Wan VAE, HPSv3, VideoAlign; 14B for fsdp),
+random weights (timing needs no trained weights), bf16.
 
-    python bench.py generate        # 81 frames (21 latent) at 480x832 from text, end to end; FPS, TFLOP/s
+    python bench.py generate        # 81 frames at 480x832 from text: eager vs compiled generator and decoder,
+                                    # kernel profiles, end to end with progressive decoding; FPS, first frame
     python bench.py group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
-    python bench.py train           # one RL step at the paper's settings, reward models resident; memory vs history
+    python bench.py train [--preset=longlive] [--rows=s:G,...] [--no-flops]
+                                    # one RL step at G = 24 (paper settings): time, memory per phase
     python bench.py scaling         # torchrun on 1, 2, 4 GPUs: candidates per second
+    torchrun --nproc_per_node 2 bench.py fsdp   # FSDP2 whole-model vs per-block units; 14B LoRA / full
     python bench.py generate --tiny # any of them on the tiny model (a CPU smoke test)
 
-Each prints a table and writes bench_<command>.json. Timings: CUDA synchronised, one warm-up run, median of
-the timed runs. A faster variant is kept only if its output matches the reference path (tolerance printed).
+Each prints a table and writes bench_<command>.json under out/bench (BENCH_OUT). Timings: CUDA synchronised,
+one warm-up run, median of the timed runs; every fast variant is compared with the reference path (errors printed).
 """
 import contextlib
 import json
@@ -183,28 +187,22 @@ def bench_generate(frames=21):
     with torch.no_grad():
         print("profile: one eager generation", flush=True)
         report["profile_generator_eager"] = profile(gen)
-        t0 = time.perf_counter()
-        m.compile_blocks()
-        gen()
-        sync()
-        compile_s = time.perf_counter() - t0
-        latents, t = timed(gen, 3)
         from torch._dynamo.utils import counters
-        add(dict(part="generator", variant="compiled block stages (sample.py default on GPU)", seconds=t,
-                 tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12, rel_err=rel_err(latents, ref),
-                 compile_s=compile_s, graphs=counters["stats"]["unique_graphs"]))
-        print("profile: one compiled generation", flush=True)
-        report["profile_generator_compiled"] = profile(gen)
-        try:  # CUDA graphs through torch.compile's cudagraph trees: a lever measured, not the default
+
+        def compiled(name, mode=None):
             t0 = time.perf_counter()
-            m.compile_blocks(mode="reduce-overhead")
+            m.compile_blocks(mode=mode)
             gen()
             sync()
             compile_s = time.perf_counter() - t0
             latents, t = timed(gen, 3)
-            add(dict(part="generator", variant="compiled stages + CUDA graphs (reduce-overhead)", seconds=t,
-                     tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12, rel_err=rel_err(latents, ref),
-                     compile_s=compile_s))
+            add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12,
+                     rel_err=rel_err(latents, ref), compile_s=compile_s, graphs=counters["stats"]["unique_graphs"]))
+        compiled("compiled block stages (sample.py default on GPU)")
+        print("profile: one compiled generation", flush=True)
+        report["profile_generator_compiled"] = profile(gen)
+        try:  # CUDA graphs through torch.compile's cudagraph trees: a lever measured, not the default
+            compiled("compiled stages + CUDA graphs (reduce-overhead)", "reduce-overhead")
         except Exception as err:  # a lever that does not apply is a row, not a crash
             add(dict(part="generator", variant="compiled stages + CUDA graphs (reduce-overhead)", error=str(err)[:100]))
         m.compile_blocks()
