@@ -24,7 +24,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend
 
 import config
 import model as M
@@ -449,7 +448,7 @@ def bench_train():
         FLOPS[name] = FLOPS.get(name, 0) + total - FLOPS.get("_seen", 0)
         FLOPS["_seen"] = total
     ctx.lap_hook = lap_hook
-    rows, last = [], None
+    rows, last, last_g = [], None, None
     for step, (s, g) in enumerate(runs, 1):
         if last:  # estimate: the previous run's G-independent parts as they were, the rest scaled by G
             fixed = sum(last.get(f"time/{k}", 0) for k in ("text", "history", "transfer"))
@@ -524,7 +523,7 @@ def bench_fsdp(gb=1e9):
     fit (one 3-frame clip, G 2, micro-batch 1); (c) memory per GPU from the sharding arithmetic. History 0, offline
     rewards (bench.py train has the reward models); 14B random weights all bf16 (real_wan keeps a few in fp32)."""
     import gc
-    from peft import LoraConfig  # (c) counts what policy.Policy builds: theta, grad, AdamW, theta_old, theta_ref
+    # (c) counts what policy.Policy builds: theta, grad, AdamW, theta_old, theta_ref
     world, rows = int(os.environ.get("WORLD_SIZE", 1)), []
     wan, offline = real_wan(), f"--reward={R.DEFAULT_OFFLINE_SPEC}"
     runs = [("1.3B", "full, whole-model unit", ["--lora_rank=0", "--fsdp_per_block=false"]),

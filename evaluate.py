@@ -47,12 +47,14 @@ def score_samples(net, wan, reward_fn, prompts, seeds, frames, sink, window, n=3
         i, j = work[w % len(work)]
         chunk = seeds[j:j + batch]
         noise = torch.cat([draw_noise(seed_of(seed, i, s), 1, shape, dev) for s in chunk])
+        dec, blocks = V.Decoder(wan.vae), []  # progressive: each block decoded as soon as it is generated
         with amp():
             cache = new_cache(net, len(chunk), shape, sink, window, n)
-            latents = generate(net, net.text_kv(wan.text_encoder([prompts[i]])), noise, cache, 0, n)
+            generate(net, net.text_kv(wan.text_encoder([prompts[i]])), noise, cache, 0, n, cache_last_block=False,
+                     on_block=lambda x0: blocks.append(dec(x0)))
         if w >= len(work):  # padding: generated only to keep the ranks in step
             continue
-        video = V.decode(wan.vae, latents)
+        video = torch.cat(blocks, 1)
         r = reward_fn(video, [prompts[i]] * len(chunk))
         out[:, i, j:j + len(chunk)] = torch.stack([r[k].double() for k in keys])
         if on_frames:
