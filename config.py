@@ -10,7 +10,7 @@ from rewards import DEFAULT_OFFLINE_SPEC, parse_spec
 
 @dataclass
 class Config:
-    # generator (None: the tiny built-in model); see model.load
+    # generator (None: the tiny built-in model); see checkpoints.load
     model: str = None
     checkpoint: str = None
     checkpoint_key: str = None

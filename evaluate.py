@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import model as M
+import checkpoints as C
 import vae as V
 from config import read_prompts
 from rewards import build_reward
@@ -189,10 +189,10 @@ def main(argv=None):
     amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
     seeds, runs, grid = list(range(a.seeds)), {}, {}
     for label, lora in [("A", a.lora)] + ([("B", a.lora_b)] if a.lora_b else []):
-        wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora,
+        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora,
                      dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         if lora:
-            M.load_trained(wan.model.transformer, lora)
+            C.load_trained(wan.model.transformer, lora)
         wan.to(dev)
         wan.height, wan.width = a.height or wan.height, a.width or wan.width
 

@@ -19,7 +19,7 @@ import torch
 import loss as L
 from config import resume_changes
 from files import read_safetensors, read_torch, replace_durably, write_text_durably
-from model import check_finite
+from checkpoints import check_finite
 from rollout import clip_velocity
 
 CKPT = re.compile(r"ckpt-\d{6}")  # the folders save_checkpoint writes; `latest` must name one of them

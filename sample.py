@@ -11,7 +11,7 @@ import time
 import imageio
 import torch
 
-import model as M
+import checkpoints as C
 import vae as V
 from rollout import draw_noise, generate, new_cache
 
@@ -111,9 +111,9 @@ def main(argv=None):
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
-        wan = M.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
         if a.lora:
-            M.load_trained(wan.model.transformer, a.lora)
+            C.load_trained(wan.model.transformer, a.lora)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if a.frames > wan.model.max_frames:  # cached keys keep absolute positions: the RoPE table bounds the video

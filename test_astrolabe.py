@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 import config
 import evaluate
+import checkpoints as C
 import model as M
 import policy as policy_mod
 import rewards
@@ -274,7 +275,7 @@ def test_original_layout_loads_and_reproduces(wan, tmp_path):
     wrapped = {"generator_ema": {f"model._fsdp_wrapped_module.{k}": v for k, v in sd.items()}}
     torch.save(wrapped, tmp_path / "self_forcing.pt")
     fresh = M.load_tiny(seed=123).model
-    M.load_wan_state_dict(fresh.transformer, M.read_checkpoint(str(tmp_path / "self_forcing.pt")))
+    C.load_wan_state_dict(fresh.transformer, C.read_checkpoint(str(tmp_path / "self_forcing.pt")))
     x, kv = torch.randn(2, 16, 3, 8, 8), text_kv(wan)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
@@ -287,14 +288,14 @@ def test_krea_14b_layout_loads_and_reproduces(wan, tmp_path):
     sd = {f"model.{k}": v.contiguous() for k, v in to_original(wan.model.transformer.state_dict(), 2).items()}
     save_file(sd, tmp_path / "krea-realtime-video-14b.safetensors")
     fresh = M.load_tiny(seed=123).model
-    M.load_wan_state_dict(fresh.transformer, M.read_checkpoint(str(tmp_path / "krea-realtime-video-14b.safetensors")))
+    C.load_wan_state_dict(fresh.transformer, C.read_checkpoint(str(tmp_path / "krea-realtime-video-14b.safetensors")))
     x, kv = torch.randn(2, 16, 3, 8, 8), text_kv(wan)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x, 500.0, kv), wan.model(x, 500.0, kv), atol=0, rtol=0)
     with torch.device("meta"):
         big = M.WanTransformer3DModel(**M.WAN_14B).state_dict()
     keys = original_wan_keys(40)
-    assert len(keys) == 1095 and {M.wan_to_diffusers(f"model.{k}") for k in keys} == set(big)
+    assert len(keys) == 1095 and {C.wan_to_diffusers(f"model.{k}") for k in keys} == set(big)
     assert big["blocks.39.attn1.to_k.weight"].shape == (5120, 5120)
     assert big["blocks.0.ffn.net.0.proj.weight"].shape == (13824, 5120)
     cfg = config.parse_config(["--preset=krea"])
@@ -307,20 +308,20 @@ def test_loader_errors_name_the_keys(wan, tmp_path):
     fresh = M.load_tiny(seed=1).model.transformer
     missing = {k: v for k, v in sd.items() if k != "blocks.1.ffn.2.bias"}
     with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.net\.2\.bias"):
-        M.load_wan_state_dict(fresh, missing)
+        C.load_wan_state_dict(fresh, missing)
     with pytest.raises(ValueError, match=r"blocks\.7\.norm2\.weight"):
-        M.load_wan_state_dict(fresh, {**sd, "blocks.7.norm3.weight": torch.ones(32)})
+        C.load_wan_state_dict(fresh, {**sd, "blocks.7.norm3.weight": torch.ones(32)})
     with pytest.raises(ValueError, match="unknown checkpoint layout.*encoder.layer"):
-        M.load_wan_state_dict(fresh, {"encoder.layer.0.weight": torch.ones(1)})
+        C.load_wan_state_dict(fresh, {"encoder.layer.0.weight": torch.ones(1)})
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        M.read_checkpoint(str(tmp_path / "nope.pt"))
+        C.read_checkpoint(str(tmp_path / "nope.pt"))
     with pytest.raises(ValueError, match="has no entry 'generator_ema'; top-level keys: \\['generator'\\]"):
         torch.save({"generator": sd}, tmp_path / "g.pt")
-        M.read_checkpoint(str(tmp_path / "g.pt"), "generator_ema")
+        C.read_checkpoint(str(tmp_path / "g.pt"), "generator_ema")
     with pytest.raises(ValueError, match=r"another model size\?\): \['proj_out.weight \(3, 3\) != \(64, 32\)'\]"):
-        M.load_wan_state_dict(fresh, {**sd, "head.head.weight": torch.ones(3, 3)})
+        C.load_wan_state_dict(fresh, {**sd, "head.head.weight": torch.ones(3, 3)})
     with pytest.raises(ValueError, match=r"non-finite \(NaN or inf\) values in 1 tensor\(s\), e.g. \['proj_out.bias'\]"):
-        M.load_wan_state_dict(fresh, {**sd, "head.head.bias": torch.full((64,), float("nan"))}, "g.pt")
+        C.load_wan_state_dict(fresh, {**sd, "head.head.bias": torch.full((64,), float("nan"))}, "g.pt")
 
 
 def test_longlive_lora_merges_into_base(wan):
@@ -328,11 +329,11 @@ def test_longlive_lora_merges_into_base(wan):
     tr = copy.deepcopy(wan.model.transformer)
     A, B = torch.randn(4, 32), torch.randn(32, 4)
     w = tr.blocks[1].attn2.to_v.weight.clone()
-    M.merge_lora(tr, {"base_model.model.blocks.1.cross_attn.v.lora_A.weight": A,
+    C.merge_lora(tr, {"base_model.model.blocks.1.cross_attn.v.lora_A.weight": A,
                       "base_model.model.blocks.1.cross_attn.v.lora_B.weight": B}, alpha=8)
     torch.testing.assert_close(tr.blocks[1].attn2.to_v.weight, w + 2.0 * B @ A)
     with pytest.raises(ValueError, match="lora_B"):
-        M.merge_lora(tr, {"base_model.model.blocks.1.cross_attn.v.lora_A.weight": A})
+        C.merge_lora(tr, {"base_model.model.blocks.1.cross_attn.v.lora_A.weight": A})
 
 
 # ------------------------------------------------------------------ bad input
@@ -812,7 +813,7 @@ def test_evaluate_command_end_to_end(tmp_path):
     for label, i, s in [("A", 1, 2), ("B", 3, 0)]:  # seed 2 was the lone sample of its batch, seed 0 the first of two
         w = M.load_tiny()
         if label == "B":
-            M.load_trained(w.model.transformer, ckpt)
+            C.load_trained(w.model.transformer, ckpt)
         w.height = w.width = 32
         shape = w.latent_shape(3)
         lat = generate(w.model, w.model.text_kv(w.text_encoder([prompts[i]])),
@@ -976,15 +977,15 @@ def test_lora_folder_merges_exactly_and_missing_files_are_named(tmp_path):
     tr = M.load_tiny().model.transformer
     before = tr.blocks[0].attn1.to_q.weight.detach().clone()
     folder = lora_folder(str(tmp_path / "ok"), alpha=2)
-    M.load_trained(tr, folder)
+    C.load_trained(tr, folder)
     g = torch.Generator().manual_seed(43)
     A, B = torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g)
     torch.testing.assert_close(tr.blocks[0].attn1.to_q.weight, before + 0.5 * B @ A)  # alpha / r = 2 / 4
     os.remove(os.path.join(folder, "adapter_model.safetensors"))
     with pytest.raises(FileNotFoundError, match="ok/adapter_model.safetensors: no such file"):
-        M.load_trained(tr, folder)
+        C.load_trained(tr, folder)
     with pytest.raises(FileNotFoundError, match="holds neither adapter_config.json nor transformer.safetensors"):
-        M.load_trained(tr, str(tmp_path))
+        C.load_trained(tr, str(tmp_path))
 
 
 def test_generate_rejects_switches_off_block_starts_and_frames_past_rope(wan):
