@@ -829,7 +829,7 @@ def test_evaluate_command_end_to_end(tmp_path):
     d = b - a
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / len(d) ** 0.5:.4f} | {100 * np.mean(d > 0):.0f}%" in line
     assert runs["A"]["composite"].shape == (len(prompts), 3)
-    grid = imageio.imread(tmp_path / "ev" / "grid.png")  # 4 prompts x (A | B), each first / middle / last frame
+    grid = imageio.v2.imread(tmp_path / "ev" / "grid.png")  # 4 prompts x (A | B), each first / middle / last frame
     assert grid.shape == (4 * 32 + 3 * 4, 2 * 3 * 32 + 4, 3)
     w = M.load_tiny()
     w.height = w.width = 32
