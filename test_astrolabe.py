@@ -27,14 +27,15 @@ import evaluate
 import checkpoints as C
 import model as M
 import policy as policy_mod
+import reward_models
 import rewards
 import train
 import vae as V
 from kv_cache import KVCache
 from loss import Controller, advantages, copy_, ema_, kl_loss, policy_loss
-from rewards import (DEFAULT_OFFLINE_SPEC, HPSV3_TEXT, VIDEOALIGN_TEXT, HPSv3, VideoAlign, build_reward,
-                     colorfulness, load_hpsv3, load_videoalign, prompt_color, sample_indices, smoothness,
-                     to_patches, top30_mean)
+from reward_models import (HPSV3_TEXT, VIDEOALIGN_TEXT, HPSv3, VideoAlign, load_hpsv3, load_videoalign,
+                           sample_indices, to_patches, top30_mean)
+from rewards import DEFAULT_OFFLINE_SPEC, build_reward, colorfulness, prompt_color, smoothness
 from rollout import clip_velocity, draw_noise, generate, group_rollout, new_cache
 
 torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and CI has 2 cores
@@ -1336,8 +1337,8 @@ def test_two_processes_match_one():
 
 
 # ------------------------------------------------------------------ rewards (issue 4)
-SPECIALS = rewards.SPECIALS
-# Qwen2-VL-Instruct chat_template (tokenizer_config.json), the reference for rewards.CHAT
+SPECIALS = reward_models.SPECIALS
+# Qwen2-VL-Instruct chat_template (tokenizer_config.json), the reference for reward_models.CHAT
 QWEN2VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -1415,7 +1416,7 @@ def reference(model, tok, clips, texts, video_input, mrope=False):
     """transformers' stock Qwen2VLModel forward on independently built inputs: the chat template rendered
     by jinja, patches from transformers' PIL image processor (images) or an explicit patch loop (videos)."""
     n, t = clips.shape[:2]
-    h, w = rewards.smart_resize(clips.shape[-2], clips.shape[-1], *PIXELS)
+    h, w = reward_models.smart_resize(clips.shape[-2], clips.shape[-1], *PIXELS)
     q8 = lambda x: x.clamp(0, 1).mul(255).round().div(255)
     frames = q8(F.interpolate(q8(clips).flatten(0, 1), size=(h, w), mode="bicubic", antialias=True)).view(n, t, 3, h, w)
     if not video_input:
@@ -1424,7 +1425,7 @@ def reference(model, tok, clips, texts, video_input, mrope=False):
                                                         do_rescale=False, return_tensors="pt")
         pixels, grid = out["pixel_values"], out["image_grid_thw"]
     else:
-        mean, std = torch.tensor(rewards.CLIP_MEAN)[:, None, None], torch.tensor(rewards.CLIP_STD)[:, None, None]
+        mean, std = torch.tensor(reward_models.CLIP_MEAN)[:, None, None], torch.tensor(reward_models.CLIP_STD)[:, None, None]
         norm, rows = (frames - mean) / std, []
         for i in range(n):
             for ti in range(t // 2):
@@ -1478,7 +1479,7 @@ def test_forward_matches_sequential_reference_and_differs_from_mrope(hps, va, to
 def test_patches_match_transformers_image_processor():
     clips = video(3, 1, 70, 50, seed=5).expand(-1, 2, -1, -1, -1)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    h, w = rewards.smart_resize(70, 50, *PIXELS)
+    h, w = reward_models.smart_resize(70, 50, *PIXELS)
     q8 = lambda x: x.clamp(0, 1).mul(255).round().div(255)
     frames = q8(F.interpolate(q8(clips[:, 0]), size=(h, w), mode="bicubic", antialias=True))
     out = Qwen2VLImageProcessorPil(do_resize=False)(images=[f.permute(1, 2, 0).numpy() for f in frames],
