@@ -1520,7 +1520,7 @@ def test_top30_mean_exact(f):
 
 
 def test_hpsv3_score_is_top30_of_per_frame_mu(hps, monkeypatch):
-    monkeypatch.setattr(rewards, "HPSV3_TEXT", "rate {text_prompt}: <|Reward|>")  # short text: a fast test
+    monkeypatch.setattr(reward_models, "HPSV3_TEXT", "rate {text_prompt}: <|Reward|>")  # short text: a fast test
     frames = video(2, 7, seed=11)
     got = hps.score(frames, ["a red car", "a dog"], chunk=3)  # chunks straddle the two clips
     with torch.no_grad():
