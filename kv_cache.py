@@ -126,6 +126,11 @@ class KVCache:
                        frames_per_block, self.k[0].dtype, self.k[0].device,
                        prefix=([k[:, :n] for k in self.k], [v[:, :n] for v in self.v], list(self.frames)))
 
+    def tensors(self):
+        """Every buffer a block call may read or write (own K/V, shared prefix): what a CUDA graph of the call
+        holds by address (cuda_graphs.py)."""
+        return self.k + self.v + (self.prefix[0] + self.prefix[1] if self.prefix is not None else [])
+
     def detach_(self):
         self.k, self.v = [k.detach() for k in self.k], [v.detach() for v in self.v]
         if self.prefix is not None:

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from cuda_graphs import Graphs
 from offload import resident
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class CausalWan(torch.nn.Module):
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
+        self.graphs = None  # cuda_graphs() sets a cuda_graphs.Graphs: sampling calls replay captured graphs
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -177,6 +179,13 @@ class CausalWan(torch.nn.Module):
         self.stages = tuple(torch.compile(f, dynamic=False, mode=mode) for f in BLOCK_STAGES)
         return self
 
+    def cuda_graphs(self, on=True):
+        """The fast sampling path's second half: every no-grad call that writes a cache (the rollout's) is captured
+        once per cache slot and replayed (cuda_graphs.py: the CPU no longer issues each kernel). Reuse one cache
+        (KVCache.reset) across videos so that its addresses, and the graphs, stay the same."""
+        self.graphs = Graphs() if on else None
+        return self
+
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
 
@@ -192,32 +201,38 @@ class CausalWan(torch.nn.Module):
             raise ValueError(f"latent shape {tuple(x.shape)} is not divisible by the patch {self.patch}")
         if len(text_kv) != len(tr.blocks) or text_kv[0][0].shape[0] not in (1, B):
             raise ValueError(f"text_kv must hold {len(tr.blocks)} layers of batch 1 or {B}")
-        f, h, w = f // pt, H // ph, W // pw
-        freqs = self.rope(start_frame, f, h, w)
-        text_kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in text_kv]
-
-        ce = tr.condition_embedder
         if torch.is_tensor(timestep) and timestep.numel() not in (1, B):
             raise ValueError(f"timestep must be a float or hold 1 or B={B} values (one per sample, shared by "
                              f"all frames of the call), got shape {tuple(timestep.shape)}")
-        t = timestep.reshape(-1).expand(B) if torch.is_tensor(timestep) else \
-            torch.full((B,), float(timestep), device=x.device)  # a fill, not a host-to-device copy
-        dtype = tr.patch_embedding.weight.dtype
-        temb = ce.time_embedder(sinusoid(t, tr.config.freq_dim).to(ce.time_embedder.linear_1.weight.dtype)).to(dtype)
-        e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
-
-        z = tr.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         pos = cache.pos if cache is not None else None  # fixed now: a checkpointed recompute runs later
         if cache is not None and cache.frames[pos[0][0]] != start_frame:
             raise ValueError(f"start_frame={start_frame} but the cache is positioned at frame "
                              f"{cache.frames[pos[0][0]]} (begin_block): RoPE and cache would disagree")
+        t = timestep.reshape(-1).expand(B) if torch.is_tensor(timestep) else \
+            torch.full((B,), float(timestep), device=x.device)  # a fill, not a host-to-device copy
+        args = (x.to(tr.patch_embedding.weight.dtype), t.float(), *self.rope(start_frame, f // pt, H // ph, W // pw),
+                *[z for kv in text_kv for z in kv])
+        run = lambda *args: self._run(*args, cache=cache, pos=pos, store=store)  # noqa: E731
+        if self.graphs is not None and cache is not None and store and not torch.is_grad_enabled():
+            return self.graphs(run, args, cache.tensors(), (pos, self.stages, tuple(SAMPLING_ATTENTION)))
+        return run(*args)
+
+    def _run(self, x, t, cos, sin, *text_kv, cache, pos, store):
+        """The tensor work of forward, on checked inputs (what cuda_graphs.Graphs captures)."""
+        tr, ce = self.transformer, self.transformer.condition_embedder
+        B, _, f, H, W = x.shape
+        pt, ph, pw = self.patch
+        f, h, w = f // pt, H // ph, W // pw
+        temb = ce.time_embedder(sinusoid(t, tr.config.freq_dim).to(ce.time_embedder.linear_1.weight.dtype)).to(x.dtype)
+        e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+        z = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
         # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
         with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
             for i, blk in enumerate(tr.blocks):
-                z = blk.causal_forward(z, e, freqs, text_kv[i], cache, i, pos, store, recompute, self.stages)
-
+                kv = (text_kv[2 * i].expand(B, -1, -1, -1), text_kv[2 * i + 1].expand(B, -1, -1, -1))
+                z = blk.causal_forward(z, e, (cos, sin), kv, cache, i, pos, store, recompute, self.stages)
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
         z = z.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
