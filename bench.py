@@ -70,26 +70,13 @@ PEERS = [  # published end-to-end figures, 81 frames at 480x832 on one H100, the
 ]
 
 
-def attention_backends(backends):
-    """Context: model.py's sampling attention backends for the duration (read at every call)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        default, M.SAMPLING_ATTENTION = M.SAMPLING_ATTENTION, backends
-        try:
-            yield
-        finally:
-            M.SAMPLING_ATTENTION = default
-    return ctx()
-
-
 def kernel_table(prof, top=12):
     """Per-kernel GPU time of a profile: (rows, GPU-busy ms) with each kernel's category and share."""
-    cats = [("conv", "fprop|conv|implicit"), ("attention", "fmha|flash|sdpa|attention|cudnn"),
+    cats = [("attention", "fmha|flash|sdpa|attention"), ("conv", "fprop|conv|implicit"),
             ("matmul", "gemm|nvjet|cutlass|xmma|mma"), ("copy/layout", "copy|cat|pad|transpose|permute|memcpy|memset|fill"),
             ("norm/elementwise", ".")]
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"
+              and not e.key.startswith("## ")]  # "## Call CompiledFxGraph ...": annotations, not kernels
     total = sum(e.self_device_time_total for e in events)
     out = []
     for e in sorted(events, key=lambda e: -e.self_device_time_total):
@@ -102,12 +89,13 @@ def kernel_table(prof, top=12):
     return out[:top], total / 1e3, by_cat
 
 
-def profile(fn):
+def profile(fn, shapes=False):
+    """Per-kernel GPU time of fn(); with shapes, also the convolutions' GPU time per input shape."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     sync()
     t0 = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=shapes) as prof:
         fn()
         sync()
     wall = (time.perf_counter() - t0) * 1e3
@@ -115,7 +103,13 @@ def profile(fn):
     print(f"  GPU busy {busy:.0f} ms of {wall:.0f} ms wall (profiler on); by category: "
           + ", ".join(f"{k} {v:.0%}" for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])), flush=True)
     show(rows)
-    return dict(busy_ms=busy, wall_ms=wall, by_category=by_cat, kernels=rows)
+    out = dict(busy_ms=busy, wall_ms=wall, by_category=by_cat, kernels=rows)
+    if shapes:
+        convs = [dict(input_shapes=str(e.input_shapes[:2])[:90], calls=e.count, ms=e.device_time_total / 1e3)
+                 for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::convolution"]
+        out["convolutions"] = sorted(convs, key=lambda r: -r["ms"])[:12]
+        show(out["convolutions"])
+    return out
 
 
 def bench_generate(frames=21):
@@ -130,48 +124,42 @@ def bench_generate(frames=21):
     gflops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, tpf)
     rows, report = [], {}
     kv = m.text_kv(wan.text_encoder([PROMPT]))
+    cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run: its addresses key the CUDA graphs
 
-    def gen():
-        return generate(m, kv, noise, new_cache(m, 1, shape, 3, 21, n), 0, n, cache_last_block=False)
+    def gen(text_kv=kv, on_block=None):
+        cache.reset()
+        return generate(m, text_kv, noise, cache, 0, n, cache_last_block=False, on_block=on_block)
 
     def add(row):
         rows.append(row)
         print({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    # 1. generator: eager (cuDNN, flash attention), then the compiled block stages
+    # 1. generator: eager (cuDNN attention) as the reference; CUDA graphs, compiled block stages, both
+    from torch._dynamo.utils import counters
     ref = None
-    for name, backends in [("eager, cuDNN attention (reference)", M.SAMPLING_ATTENTION),
-                           ("eager, flash attention", M.SAMPLING_ATTENTION[1:])]:
-        if DEV.type != "cuda" and ref is not None:
-            continue
-        with torch.no_grad(), attention_backends(backends):
-            latents, t = timed(gen, 3)
-        ref = latents if ref is None else ref
-        add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12,
-                 ceiling=gflops / t / 805e12, rel_err=rel_err(latents, ref)))
     with torch.no_grad():
-        print("profile: one eager generation", flush=True)
-        report["profile_generator_eager"] = profile(gen)
-        from torch._dynamo.utils import counters
-
-        def compiled(name, mode=None):
+        for name, compiled, graphs in [("eager, cuDNN attention (reference)", False, False),
+                                       ("eager + CUDA graphs", False, True),
+                                       ("compiled block stages", True, False),
+                                       ("compiled block stages + CUDA graphs (sample.py default on GPU)", True, True)]:
+            if DEV.type != "cuda" and graphs:
+                continue
             t0 = time.perf_counter()
-            m.compile_blocks(mode=mode)
-            gen()
+            if compiled and m.stages is M.BLOCK_STAGES:
+                m.compile_blocks()
+            m.cuda_graphs(graphs)
+            latents = gen()  # compiles and captures; timed() warms up once more
             sync()
-            compile_s = time.perf_counter() - t0
+            setup_s = time.perf_counter() - t0
             latents, t = timed(gen, 3)
+            ref = latents if ref is None else ref
             add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12,
-                     rel_err=rel_err(latents, ref), compile_s=compile_s, graphs=counters["stats"]["unique_graphs"]))
-        compiled("compiled block stages (sample.py default on GPU)")
-        print("profile: one compiled generation", flush=True)
-        report["profile_generator_compiled"] = profile(gen)
-        try:  # CUDA graphs through torch.compile's cudagraph trees: a lever measured, not the default
-            compiled("compiled stages + CUDA graphs (reduce-overhead)", "reduce-overhead")
-        except Exception as err:  # a lever that does not apply is a row, not a crash
-            add(dict(part="generator", variant="compiled stages + CUDA graphs (reduce-overhead)", error=str(err)[:100]))
-        m.compile_blocks()
-        # 2. decoder: diffusers' one-shot decode (reference), streaming, channels_last_3d, compiled steady chunks
+                     rel_err=rel_err(latents, ref), setup_s=setup_s, graphs=len(m.graphs or ()),
+                     compiled_graphs=counters["stats"]["unique_graphs"]))
+        print("profile: one generation, compiled stages + CUDA graphs", flush=True)
+        report["profile_generator"] = profile(gen)
+
+        # 2. decoder: diffusers' one-shot decode (reference), streaming, the layout and padding levers, compiled
         with FlopCounterMode(display=False) as fc:
             V.decode(vae, ref[:, :, :4])
         dflops = fc.get_total_flops() / (1 + 4 * 3) * (1 + 4 * (frames - 1))  # per pixel frame, scaled up
@@ -182,53 +170,60 @@ def bench_generate(frames=21):
         pixels = pixels.permute(0, 2, 1, 3, 4)
         add(dict(part="decode", variant="diffusers AutoencoderKLWan.decode (reference)", seconds=t,
                  tflops=dflops / t / 1e12, ceiling=dflops / t / 805e12, max_abs_err=0.0))
-        for name, chunk, fast in [("streaming, 1 latent frame a call", 1, None), ("streaming, chunks of 3", 3, None),
-                                  ("+ channels_last_3d, cudnn.benchmark", 3, False),
-                                  ("+ compiled steady chunks (default on GPU)", 3, True)]:
+        for name, fast in [("streaming (vae.Decoder), chunks of 3", None),
+                           ("+ channels_last weights, cudnn.benchmark, padding inside the convs", False),
+                           ("+ compiled decoder (default on GPU)", True)]:
             if fast is not None:
                 t0 = time.perf_counter()
                 V.speed_up(vae, compile=fast)
-                V.Decoder(vae, chunk)(ref)
+                V.Decoder(vae)(ref)
                 sync()
-                compile_s = time.perf_counter() - t0
-            out, t = timed(lambda: V.Decoder(vae, chunk)(ref), 2)
+                setup_s = time.perf_counter() - t0
+            out, t = timed(lambda: V.Decoder(vae)(ref), 2)
             add(dict(part="decode", variant=name, seconds=t, tflops=dflops / t / 1e12, ceiling=dflops / t / 805e12,
-                     max_abs_err=float((out - pixels).abs().max()), **({"compile_s": compile_s} if fast else {})))
+                     max_abs_err=float((out - pixels).abs().max()), **({"setup_s": setup_s} if fast else {})))
+        _, t = timed(lambda: V.Decoder(vae)(ref[:, :, :3]), 2)  # the first two chunks: their own layouts
+        add(dict(part="decode", variant="  of which the first 3 latent frames (chunks of 1 and 2)", seconds=t))
         print("profile: one compiled streaming decode", flush=True)
-        report["profile_decode"] = profile(lambda: V.Decoder(vae)(ref))
+        report["profile_decode"] = profile(lambda: V.Decoder(vae)(ref), shapes=True)
 
         # 3. end to end, text encoding included: decode after generation, or progressive (as sample.py). Decoding
         # on a second CUDA stream, overlapped with the next block, was measured too (H100, 2026-11-22: 3.92 s
         # against 3.94 s): the generator keeps the GPU busy, so it does not pay and is not kept.
         def end_to_end(progressive):
-            start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "text", "generated", "first", "end")}
             t0 = time.perf_counter()
-            start.record()
+            ev["start"].record()
             text_kv = m.text_kv(wan.text_encoder([PROMPT]))
+            ev["text"].record()
             dec, out = V.Decoder(vae), []
 
             def on_block(x0):  # as sample.py: the first latent frame alone, so the first frame is out at once
                 for part in (x0[:, :, :1], x0[:, :, 1:]) if dec.frames == 0 and progressive else (x0,):
                     out.append((dec(part) * 255).round().to(torch.uint8).cpu())  # sample.py writes each block
-                    len(out) == 1 and first.record()
-            latents = generate(m, text_kv, noise, new_cache(m, 1, shape, 3, 21, n), 0, n, cache_last_block=False,
-                               on_block=on_block if progressive else None)
-            launched = time.perf_counter() - t0
+                    len(out) == 1 and ev["first"].record()
+            latents = gen(text_kv, on_block if progressive else None)
+            ev["generated"].record()
             if not progressive:
                 on_block(latents)
             video = torch.cat(out, 1)
+            ev["end"].record()
             sync()
-            return video, time.perf_counter() - t0, start.elapsed_time(first) / 1e3, launched
+            ms = lambda a, b: ev[a].elapsed_time(ev[b]) / 1e3  # noqa: E731
+            return video, time.perf_counter() - t0, ms("start", "first"), ms("start", "text"), \
+                ms("text", "generated"), ms("generated", "end")
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            for progressive in (False, True):
+            for progressive, graphs in ((False, True), (True, True), (True, False)):
+                m.cuda_graphs(graphs)
                 runs = [end_to_end(progressive) for _ in range(4)][1:]
-                t, ttff = statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
+                med = [statistics.median(r[i] for r in runs) for i in range(1, 6)]
                 err = float((runs[-1][0].to(DEV).float() / 255 - pixels).abs().max())
-                add(dict(part="end to end", variant="fast paths, " + ("progressive" if progressive else "decode after"),
-                         seconds=t, fps_end_to_end=(1 + 4 * (frames - 1)) / t, first_frame_s=ttff, max_abs_err=err,
-                         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-                         **({} if progressive else {"cpu_s": statistics.median(r[3] for r in runs)})))
+                add(dict(part="end to end", variant=("progressive" if progressive else "decode after") +
+                         (", all fast paths" if graphs else ", no CUDA graphs"),
+                         seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1],
+                         text_s=med[2], generate_s=med[3], after_s=med[4], max_abs_err=err,
+                         peak_gb=torch.cuda.max_memory_allocated() / 1e9))
     for peer in PEERS:
         add(dict(part="end to end", **peer))
     report["rows"] = rows

@@ -422,6 +422,34 @@ def test_prompt_switch_recaches_the_window(wan):
     assert not torch.allclose(no_switch[:, :, 6:], rest, atol=1e-3)  # after: the new prompt shows
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on one: -k cuda_graphs)")
+def test_cuda_graphs_replay_equals_eager():
+    """model.cuda_graphs(): a long video with a rolling window and a prompt switch, sampled twice on one cache,
+    equals the eager path; the graphs are captured once per cache slot and reused across videos, and a cache at
+    other addresses gets graphs of its own."""
+    wan = M.load_tiny(seed=0).to("cuda")
+    m, shape = wan.model, (16, 24, 8, 8)
+    kv_a, kv_b = text_kv(wan, "a quiet snowy forest"), text_kv(wan, "a busy neon city street")
+    noise = draw_noise(60, 1, shape, "cuda")
+    run = lambda cache: generate(m, kv_a, noise, cache, 0, N, switches=[(12, kv_b)], cache_last_block=False)  # noqa
+    eager = run(new_cache(m, 1, shape, 3, 6, N))
+    m.cuda_graphs()
+    try:
+        cache = new_cache(m, 1, shape, 3, 6, N)
+        first = run(cache)
+        slots = len(m.graphs)
+        cache.reset()
+        second = run(cache)
+        assert 3 <= slots < 8 * 5 and len(m.graphs) == slots  # the window fills after 3 blocks, then slots repeat
+        other = run(new_cache(m, 1, shape, 3, 6, N))
+        assert len(m.graphs) == 2 * slots
+    finally:
+        m.cuda_graphs(False)
+    for out in (first, second, other):
+        torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eager[:, :, 12:], generate(m, kv_a, noise, new_cache(m, 1, shape, 3, 6, N))[:, :, 12:])
+
+
 def test_sample_writes_a_decodable_mp4(tmp_path):
     import imageio
     import sample
@@ -478,6 +506,21 @@ def test_streaming_decode_equals_one_shot(wan, cuts, chunk):
     parts = [dec(z[:, :, a:b]) for a, b in zip(edges, edges[1:])]
     assert [p.shape[1] for p in parts] == [4 * (b - a) - (a == 0) * 3 for a, b in zip(edges, edges[1:])]
     torch.testing.assert_close(torch.cat(parts, 1), ref, atol=1e-5, rtol=0)
+
+
+def test_fast_decoder_layout_and_padding_give_the_same_pixels(wan):
+    """vae.speed_up without compile (the CPU can run it): channels-last weights, spatial padding moved into the
+    convolutions, chunks made contiguous. The same pixels as diffusers' decode of the untouched VAE."""
+    torch.manual_seed(15)
+    z = torch.randn(1, 16, 10, 4, 4)
+    ref = diffusers_decode(wan.vae, z)
+    fast = V.speed_up(copy.deepcopy(wan.vae), compile=False)
+    torch.backends.cudnn.benchmark = False
+    moved = [m for m in fast.decoder.modules() if isinstance(m, V.WanCausalConv3d) and m.padding[1:] == (1, 1)]
+    assert len(moved) > 10 and all(m._padding[:4] == (0, 0, 0, 0) for m in moved)
+    V.speed_up(fast, compile=False)  # twice is harmless: the padding is not moved again
+    assert all(m.padding[1:] == (1, 1) for m in moved)
+    torch.testing.assert_close(V.Decoder(fast)(z), ref, atol=1e-5, rtol=0)
 
 
 def test_clip_pixels_are_the_window_of_the_whole_video(wan):
