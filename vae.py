@@ -82,16 +82,17 @@ class Decoder:
             if torch.is_tensor(s) and s.shape[0] not in (1, B):
                 raise ValueError(f"decoder state has batch {s.shape[0]}, latents have batch {B}")
         z = latents.float() * self.std.to(latents.device) + self.mean.to(latents.device)
-        fast = FAST.get(vae)  # chunks made contiguous for it: the same strides whatever the latents' layout
-        z = z.to(vae.dtype, memory_format=torch.contiguous_format if fast is None else torch.channels_last_3d)
+        run = FAST.get(vae, vae.decoder)
+        layout = torch.channels_last_3d if vae in FAST else torch.contiguous_format
+        z = z.to(vae.dtype, memory_format=layout)
         x = vae.post_quant_conv(z)  # a 1x1x1 conv: no temporal state
         out, i = [], 0
         while i < x.shape[2]:
             # the first latent frame of a stream goes alone (the decoder makes it a single pixel frame); later
             # chunks end on multiples of `chunk`, so whole-video and block-by-block decoding run the same shapes
             n = 1 if self.frames == 0 else min(self.chunk - self.frames % self.chunk, x.shape[2] - i)
-            part = x[:, :, i:i + n] if fast is None else x[:, :, i:i + n].contiguous(memory_format=torch.channels_last_3d)
-            y = (fast if fast is not None else vae.decoder)(part, feat_cache=self.state, feat_idx=[0], first_chunk=self.frames == 0)
+            part = x[:, :, i:i + n].contiguous(memory_format=layout)  # one stride pattern per shape: compiled once
+            y = run(part, feat_cache=self.state, feat_idx=[0], first_chunk=self.frames == 0)
             out += [y] if keep else []
             i, self.frames = i + n, self.frames + n
         if not keep:
