@@ -1,11 +1,15 @@
 """Sample a video: python sample.py --prompt "a red fox runs through snow" --frames 21 --out fox.mp4
 
 Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames).
+Many videos: --prompts FILE --out FOLDER writes one video per line (NNN-slug.mp4; line i, from 0, is seeded
+--seed + i, so `--prompt LINE --seed S+i` remakes it), one compiled model, cache and warm-up for all.
 With no --model it uses the tiny built-in model (random weights: the video is noise, the code path
 is the real one). See README.md for real checkpoints.
 """
 import argparse
+import math
 import os
+import re
 import time
 
 import imageio
@@ -13,10 +17,12 @@ import torch
 
 import checkpoints as C
 import vae as V
+from config import read_prompts
 from rollout import draw_noise, generate, new_cache
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--prompt", required=True, help="a prompt, or several separated by '|' (then give --switch)")
+p.add_argument("--prompt", default=None, help="a prompt, or several separated by '|' (then give --switch)")
+p.add_argument("--prompts", default=None, help="a file of prompts, one video per line (--out is then a folder)")
 p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts")
 p.add_argument("--model", default=None, help="diffusers Wan2.1-T2V folder (default: the tiny built-in model)")
 p.add_argument("--checkpoint", default=None, help="original-layout generator: Self-Forcing, Causal-Forcing, LongLive base")
@@ -28,10 +34,11 @@ p.add_argument("--frames_per_block", type=int, default=3)
 p.add_argument("--sink", type=int, default=3, help="sink frames kept in the cache forever")
 p.add_argument("--window", type=int, default=21, help="most recent frames attended besides the sink")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--out", default="video.mp4")
+p.add_argument("--out", default=None, help="the mp4 (default video.mp4), or with --prompts a folder (default videos)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--fast", type=int, default=1,
-               help="on GPU: compiled block stages, CUDA graphs and compiled decoder (1, default) or the eager path (0)")
+               help="on GPU: compiled block stages, CUDA graphs and compiled decoder (1, default) or the eager path (0); "
+                    "2 compiles on any device (no CUDA graphs off the GPU)")
 
 
 class VideoFile:
@@ -68,10 +75,17 @@ def save_video(frames, path, fps=16):
 
 
 def check_args(a):
-    """Every user error, before any weight is loaded or frame generated."""
-    prompts = a.prompt.split("|")
-    if any(not q.strip() for q in prompts):
-        raise SystemExit(f"error: empty prompt in --prompt {a.prompt!r}")
+    """Every user error, before any weight is loaded or frame generated. Returns the videos to make, each
+    (path, prompts, seed), and the switch frames they share."""
+    if (a.prompt is None) == (a.prompts is None):
+        raise SystemExit("error: give --prompt TEXT or --prompts FILE (one of the two)")
+    lines = [a.prompt] if a.prompts is None else read_prompts(a.prompts)
+    for q in lines:
+        if any(not part.strip() for part in q.split("|")):
+            raise SystemExit(f"error: empty prompt in {'--prompt' if a.prompts is None else a.prompts} {q!r}")
+    prompts = lines[0].split("|")
+    if len({len(q.split("|")) for q in lines}) > 1:
+        raise SystemExit(f"error: every line of {a.prompts} must hold as many '|'-separated prompts (they share --switch)")
     if a.frames_per_block < 1:
         raise SystemExit(f"error: --frames_per_block {a.frames_per_block} must be at least 1")
     if a.frames <= 0 or a.frames % a.frames_per_block:
@@ -87,11 +101,24 @@ def check_args(a):
         raise SystemExit(f"error: {len(prompts)} prompts need {len(prompts) - 1} --switch frames, got {switches}")
     if switches != sorted(set(switches)) or any(not 0 < f < a.frames or f % a.frames_per_block for f in switches):
         raise SystemExit(f"error: --switch {switches} must be increasing block starts inside (0, {a.frames})")
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK) or os.path.isdir(a.out):
-        raise SystemExit(f"error: cannot write --out {a.out}")
-    if os.path.splitext(a.out)[1].lower() != ".mp4":
-        raise SystemExit(f"error: --out {a.out!r} must end in .mp4 (the video is written with ffmpeg as mp4)")
+    if a.prompts is None:
+        a.out = a.out or "video.mp4"
+        out_dir = os.path.dirname(os.path.abspath(a.out))
+        if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK) or os.path.isdir(a.out):
+            raise SystemExit(f"error: cannot write --out {a.out}")
+        if os.path.splitext(a.out)[1].lower() != ".mp4":
+            raise SystemExit(f"error: --out {a.out!r} must end in .mp4 (the video is written with ffmpeg as mp4)")
+        jobs = [(a.out, prompts, a.seed)]
+    else:
+        a.out = a.out or "videos"
+        if os.path.splitext(a.out)[1].lower() == ".mp4" or os.path.isfile(a.out):
+            raise SystemExit(f"error: with --prompts, --out {a.out!r} is a folder for the videos, not a file")
+        parent = os.path.dirname(os.path.abspath(a.out))
+        if not os.access(a.out if os.path.isdir(a.out) else parent, os.W_OK):
+            raise SystemExit(f"error: cannot write --out {a.out}")
+        width = max(3, len(str(len(lines) - 1)))
+        jobs = [(os.path.join(a.out, f"{i:0{width}d}-{slug(q)}.mp4"), q.split("|"), a.seed + i)
+                for i, q in enumerate(lines)]
     for flag in ("model", "checkpoint", "base_lora", "lora"):
         if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} does not exist")
@@ -103,12 +130,59 @@ def check_args(a):
         raise SystemExit(f"error: --device {a.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {a.device}: no CUDA GPU is available")
-    return prompts, switches
+    return jobs, switches
+
+
+def slug(text, length=40):
+    """A file-name piece from a prompt: lower-case words joined by '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length].rstrip("-") or "prompt"
+
+
+def dry_run(frames, switches, sink, window, n, chunk=3):
+    """The shortest video that meets every shape and code path the real one meets, so that the warm-up compiles and
+    captures all of them and the timed video none (returns its frames and switches).
+
+    Calls differ in their cache slot until the sink + window is full, after which every block sits in the same slots;
+    a prompt switch's re-cache differs in its reach until the switch frame passes the sink + window, then repeats;
+    the decoder meets its first latent frame alone, then chunks that end on multiples of `chunk`, each keyed by the
+    layout of the chunk before (a cached slice keeps the strides of the tensor it was cut from), so the pattern
+    repeats after lcm(n, chunk) frames once a chunk of `chunk` frames has been decoded. Two more blocks past the
+    last of these cover the steady state and the last block, which skips its context pass."""
+    full = -(-(sink + window) // n) * n  # first block start at which the cache is full
+    period = n * chunk // math.gcd(n, chunk)
+    late = [s for s in switches if s >= full]
+    dry_switches = [s for s in switches if s < full] + ([full] if late else [])
+    need = max(full, 1 + chunk + 2 * period, *(s + n for s in dry_switches)) + 2 * n
+    if need >= frames:
+        return frames, switches
+    return -(-need // n) * n, dry_switches
+
+
+def render(wan, kvs, switches, noise, cache, n, write=lambda frames: None, progress=False):
+    """One video through the sampling path: generate block by block into `cache`, each block decoded as soon as it
+    exists (progressive) and passed to write(frames [T, 3, H, W]). Returns the seconds to the first frames."""
+    t0, first, decoder = time.perf_counter(), [], V.Decoder(wan.vae)
+
+    def on_block(x0):
+        for part in (x0[:, :, :1], x0[:, :, 1:]) if decoder.frames == 0 else (x0,):  # first frame out at once
+            write(decoder(part)[0])
+            if not first:
+                first.append(time.perf_counter() - t0)
+
+    cache.reset()
+    generate(wan.model, kvs[0], noise, cache, 0, n, switches=list(zip(switches, kvs[1:])), progress=progress,
+             on_block=on_block, cache_last_block=False)
+    return first[0]
+
+
+def compilations():
+    """Frames dynamo has compiled (first compilations and recompilations) so far in this process."""
+    return torch._dynamo.utils.counters["frames"]["total"]
 
 
 def main(argv=None):
     a = p.parse_args(argv)
-    prompts, switches = check_args(a)
+    jobs, switches = check_args(a)
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
@@ -122,37 +196,35 @@ def main(argv=None):
     wan.to(a.device)
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache: its addresses key the CUDA graphs
-    if cuda and a.fast:  # compiled block stages, CUDA graphs, compiled decoder: a dry run compiles and captures
+    cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video: its addresses key the graphs
+    fast = (cuda and a.fast) or a.fast == 2  # 2: the compiled path on any device (the tests' check of the warm-up)
+    if fast:  # compiled block stages, CUDA graphs, compiled decoder: a dry run compiles and captures every call
         t0 = time.perf_counter()
-        m.compile_blocks().cuda_graphs()
+        m.compile_blocks()
+        m.cuda_graphs(cuda)
         V.speed_up(wan.vae)
-        # every cache slot a block can sit in is met by the time the window is full: capture them all now
-        dry = wan.latent_shape(min(a.frames, (a.sink + a.window) // n * n + n))
-        generate(m, m.text_kv(wan.text_encoder([prompts[0]])), draw_noise(a.seed, 1, dry, a.device), cache, 0, n,
-                 cache_last_block=False)
-        cache.reset()
-        V.decode(wan.vae, torch.randn(1, *wan.latent_shape(3 + V.Decoder(wan.vae).chunk), device=a.device))  # 3 layouts
+        frames, dry_switches = dry_run(a.frames, switches, a.sink, a.window, n)
+        kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
+        render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
+               draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n)
         sync()
-        print(f"compile, CUDA graph capture and warm-up: {time.perf_counter() - t0:.1f}s (once per process)")
-    t0 = time.perf_counter()
-    first = []
-    with VideoFile(a.out) as video:
-        kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
-        decoder = V.Decoder(wan.vae)
-
-        def on_block(x0):  # progressive: each block is decoded and written as soon as it is generated
-            for part in (x0[:, :, :1], x0[:, :, 1:]) if decoder.frames == 0 else (x0,):  # first frame out at once
-                video.write(decoder(part)[0])
-                if not first:
-                    first.append(time.perf_counter() - t0)
-
-        generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), cache, 0, n,
-                 switches=list(zip(switches, kvs[1:])), progress=True, on_block=on_block, cache_last_block=False)
-        sync()
-        dt = time.perf_counter() - t0
-    print(f"wrote {a.out}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
-          f"({video.frames / dt:.1f} FPS, text encoding and decoding included; first frames after {first[0]:.2f}s)")
+        print(f"compile, CUDA graph capture and warm-up ({frames} frames): {time.perf_counter() - t0:.1f}s "
+              f"(once per process)")
+    os.makedirs(os.path.dirname(os.path.abspath(jobs[0][0])), exist_ok=True)  # --prompts: the folder
+    for path, prompts, seed in jobs:
+        before = (compilations(), len(m.graphs or ()))
+        t0 = time.perf_counter()
+        with VideoFile(path) as video:
+            kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
+            first = render(wan, kvs, switches, draw_noise(seed, 1, shape, a.device), cache, n, video.write,
+                           progress=True)
+            sync()
+            dt = time.perf_counter() - t0
+        extra = "" if not fast else (f"; {compilations() - before[0]} compilations and "
+                                     f"{len(m.graphs or ()) - before[1]} graph captures during the video")
+        print(f"wrote {path}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
+              f"({video.frames / dt:.1f} FPS, text encoding and decoding included; first frames after {first:.2f}s"
+              f"{extra})")
 
 
 if __name__ == "__main__":

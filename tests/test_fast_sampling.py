@@ -1,0 +1,100 @@
+"""The sampling fast path as sample.py runs it: its warm-up meets every call the video then makes (no compilation,
+recompilation or CUDA graph capture inside the timed video), and many videos per process equal one video each."""
+import functools
+import re
+
+import imageio
+import numpy as np
+import pytest
+import torch
+
+import sample
+
+
+def run_sample(args, capsys):
+    sample.main(args)
+    return capsys.readouterr().out
+
+
+def during_video(out):
+    """(compilations, graph captures) that sample.py reports for each video it wrote."""
+    return [tuple(map(int, m)) for m in re.findall(r"(\d+) compilations and (\d+) graph captures during", out)]
+
+
+def test_dry_run_hand_table():
+    # sink 3 + window 21 fills at frame 24; the decoder's chunk pattern (1, 2, 3, then 3 after 3) needs 10 frames
+    assert sample.dry_run(21, [], 3, 21, 3) == (21, [])          # shorter than the dry run: the video itself
+    assert sample.dry_run(120, [], 3, 21, 3) == (30, [])         # full at 24, two blocks more
+    assert sample.dry_run(120, [6, 60, 90], 3, 6, 3) == (18, [6, 9])  # late switches repeat the first at 9
+    assert sample.dry_run(120, [3], 3, 3, 1) == (12, [3])        # 1-frame blocks: full at 6, decoder needs 10
+
+
+@pytest.mark.parametrize("args", [
+    ["--frames", "12"],                                                  # no eviction
+    ["--frames", "36", "--sink", "3", "--window", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
+])
+def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, capsys, args):
+    """dynamo's eager backend on the CPU: the same tracing, guards and recompilations as on the GPU, no codegen.
+    Fails if the dry run misses a shape, a cache slot, a re-cache reach or a decoder chunk layout."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    prompts = tmp_path / "p.txt"
+    line = args[args.index("--prompt") + 1] if "--prompt" in args else "a fox"
+    prompts.write_text(f"{line}\n{line.replace('a', 'the')}\n")
+    args = [x for i, x in enumerate(args) if "--prompt" not in (x, args[i - 1] if i else None)]
+    out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--fast", "2", "--device", "cpu",
+                      *args], capsys)
+    assert during_video(out) == [(0, 0), (0, 0)], out
+    # the control: a warm-up one block short compiles inside the video
+    monkeypatch.setattr(sample, "dry_run", lambda f, s, *a, **k: (3, [x for x in s if x < 3]))
+    torch._dynamo.reset()
+    out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "w"), "--fast", "2", "--device", "cpu",
+                      *args], capsys)
+    assert during_video(out)[0][0] > 0, out
+
+
+def test_prompts_file_writes_one_video_per_line_each_as_its_own_command(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A red fox, in snow!\n\na blue whale sings|the whale dives\n"
+                       .replace("\n\n", "\na cat sleeps|a cat wakes\n"))
+    with pytest.raises(SystemExit, match="as many '\\|'-separated prompts"):
+        sample.main(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--device", "cpu", "--frames", "6"])
+    prompts.write_text("A red fox, in snow!|the fox runs\n\na blue whale sings|the whale dives\n")
+    run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--device", "cpu", "--frames", "6",
+                "--switch", "3", "--seed", "5"], capsys)
+    names = sorted(p.name for p in (tmp_path / "v").iterdir())
+    assert names == ["000-a-red-fox-in-snow-the-fox-runs.mp4", "001-a-blue-whale-sings-the-whale-dives.mp4"]
+    for i, (name, line) in enumerate(zip(names, ["A red fox, in snow!|the fox runs",
+                                                  "a blue whale sings|the whale dives"])):
+        one = tmp_path / f"one{i}.mp4"
+        run_sample(["--prompt", line, "--switch", "3", "--frames", "6", "--seed", str(5 + i), "--out", str(one),
+                    "--device", "cpu"], capsys)
+        a, b = (np.stack(imageio.mimread(str(p))) for p in (tmp_path / "v" / name, one))
+        assert a.shape == (21, 64, 64, 3) and np.array_equal(a, b)
+    a, b = (np.stack(imageio.mimread(str(tmp_path / "v" / n))) for n in names)
+    assert not np.array_equal(a, b)  # different prompts and seeds: different videos
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor + CUDA graphs)")
+def test_gpu_second_video_compiles_and_captures_nothing(tmp_path, capsys):
+    torch._dynamo.reset()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox|a fox runs\na cat|a cat sleeps\n")
+    out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--frames", "36", "--sink", "3",
+                      "--window", "6", "--switch", "27", "--device", "cuda"], capsys)
+    assert during_video(out) == [(0, 0), (0, 0)], out
+
+
+@pytest.mark.parametrize("args,msg", [
+    ([], "give --prompt TEXT or --prompts FILE"),
+    (["--prompt", "a", "--prompts", "P"], "give --prompt TEXT or --prompts FILE"),
+    (["--prompts", "P", "--out", "v.mp4"], "is a folder for the videos, not a file"),
+    (["--prompts", "missing.txt"], "prompt file missing.txt does not exist"),
+])
+def test_prompts_file_flags_rejected_before_loading(tmp_path, monkeypatch, args, msg):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "P").write_text("a fox\n")
+    monkeypatch.setattr(sample.C, "load", lambda *a, **k: pytest.fail("loaded a model before rejecting the input"))
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        sample.main(args + ["--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["P"]  # nothing written
