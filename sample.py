@@ -1,6 +1,7 @@
 """Sample a video: python sample.py --prompt "a red fox runs through snow" --frames 21 --out fox.mp4
 
-Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames).
+Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames), with
+LongLive 1.0's KV re-cache at each switch (rollout.recache; README, multi-prompt).
 With no --model it uses the tiny built-in model (random weights: the video is noise, the code path
 is the real one). See README.md for real checkpoints.
 """
@@ -13,15 +14,21 @@ import torch
 
 import checkpoints as C
 import vae as V
-from rollout import draw_noise, generate, new_cache
+from rollout import draw_noise, generate, new_cache, switch_starts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--prompt", required=True, help="a prompt, or several separated by '|' (then give --switch)")
-p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts")
+p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts; a frame that "
+               "is not a block start takes effect at the next block start (LongLive's rule)")
+p.add_argument("--global_sink", type=int, default=1, choices=(0, 1),
+               help="at a switch past sink + window frames, keep the sink's K/V (1, LongLive's interactive default) or "
+                    "make the re-cached window's first frames the new sink (0, LongLive's long-tuning config)")
 p.add_argument("--model", default=None, help="diffusers Wan2.1-T2V folder (default: the tiny built-in model)")
 p.add_argument("--checkpoint", default=None, help="original-layout generator: Self-Forcing, Causal-Forcing, LongLive base")
 p.add_argument("--checkpoint_key", default=None, help="entry of --checkpoint to use (generator_ema, generator)")
 p.add_argument("--base_lora", default=None, help="LongLive lora.pt, merged into the base")
+p.add_argument("--base_lora_alpha", type=float, default=None,
+               help="LoRA alpha of --base_lora (default: its rank r, read from the tensors; LongLive uses 256 / 256)")
 p.add_argument("--lora", default=None, help="a checkpoint folder written by train.py")
 p.add_argument("--frames", type=int, default=21, help="latent frames (pixel frames = 1 + 4 (frames - 1))")
 p.add_argument("--frames_per_block", type=int, default=3)
@@ -85,8 +92,14 @@ def check_args(a):
         raise SystemExit(f"error: --switch {a.switch!r} is not a comma-separated list of latent frames") from None
     if len(switches) != len(prompts) - 1:
         raise SystemExit(f"error: {len(prompts)} prompts need {len(prompts) - 1} --switch frames, got {switches}")
-    if switches != sorted(set(switches)) or any(not 0 < f < a.frames or f % a.frames_per_block for f in switches):
-        raise SystemExit(f"error: --switch {switches} must be increasing block starts inside (0, {a.frames})")
+    if switches != sorted(set(switches)) or any(not 0 < f < a.frames for f in switches):
+        raise SystemExit(f"error: --switch {switches} must be increasing latent frames inside (0, {a.frames})")
+    try:
+        starts = switch_starts(switches, 0, a.frames, a.frames_per_block)
+    except ValueError as e:
+        raise SystemExit(f"error: --switch: {e}") from None
+    if a.base_lora_alpha is not None and not a.base_lora_alpha > 0:
+        raise SystemExit(f"error: --base_lora_alpha {a.base_lora_alpha} must be positive")
     out_dir = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK) or os.path.isdir(a.out):
         raise SystemExit(f"error: cannot write --out {a.out}")
@@ -103,7 +116,10 @@ def check_args(a):
         raise SystemExit(f"error: --device {a.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {a.device}: no CUDA GPU is available")
-    return prompts, switches
+    for i, (f, s) in enumerate(zip(switches, starts)):
+        if f != s:
+            print(f"--switch {f}: prompt {i + 2} starts at latent frame {s}, the next block start (as LongLive does)")
+    return prompts, starts
 
 
 def main(argv=None):
@@ -112,7 +128,7 @@ def main(argv=None):
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
-        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha, dtype=dtype)
         if a.lora:
             C.load_trained(wan.model.transformer, a.lora)
     except (ValueError, OSError) as e:
@@ -148,7 +164,8 @@ def main(argv=None):
                     first.append(time.perf_counter() - t0)
 
         generate(m, kvs[0], draw_noise(a.seed, 1, shape, a.device), cache, 0, n,
-                 switches=list(zip(switches, kvs[1:])), progress=True, on_block=on_block, cache_last_block=False)
+                 switches=list(zip(switches, kvs[1:])), progress=True, on_block=on_block, cache_last_block=False,
+                 global_sink=bool(a.global_sink))
         sync()
         dt = time.perf_counter() - t0
     print(f"wrote {a.out}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
