@@ -115,6 +115,7 @@ def switch_starts(frames, start, end, n):
     return out
 
 
+@torch.no_grad()
 def recache(model, text_kv, cache, latents, first_frame, switch_frame, global_sink=True):
     """LongLive 1.0's KV re-cache at a prompt switch (pipeline/interactive_causal_inference.py,
     _recache_after_switch): ONE call at t = 0 with the new prompt over the clean frames [r0, switch_frame),
