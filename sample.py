@@ -118,7 +118,8 @@ def check_args(a):
         raise SystemExit(f"error: --device {a.device}: no CUDA GPU is available")
     for i, (f, s) in enumerate(zip(switches, starts)):
         if f != s:
-            print(f"--switch {f}: prompt {i + 2} starts at latent frame {s}, the next block start (as LongLive does)")
+            print(f"--switch {f}: prompt {i + 2} starts at latent frame {s}, "
+                  f"the next block start without a switch (as LongLive schedules it)")
     return prompts, starts
 
 
