@@ -149,6 +149,8 @@ p.add_argument("--model", default=None, help="diffusers Wan2.1-T2V folder (defau
 p.add_argument("--checkpoint", default=None, help="original-layout generator: Self-Forcing, Causal-Forcing, LongLive base")
 p.add_argument("--checkpoint_key", default=None, help="entry of --checkpoint to use (generator_ema, generator)")
 p.add_argument("--base_lora", default=None, help="LongLive lora.pt, merged into the base")
+p.add_argument("--base_lora_alpha", type=float, default=None,
+               help="LoRA alpha of --base_lora (default: its rank r, read from the tensors; LongLive uses 256 / 256)")
 p.add_argument("--lora", default=None, help="generator A = base + this train.py checkpoint folder (default: the base)")
 p.add_argument("--lora_b", default=None, help="generator B = base + this train.py checkpoint folder: compare B with A")
 p.add_argument("--prompts", default="prompts/eval.txt", help="prompt file, one per line")
@@ -181,6 +183,8 @@ def main(argv=None):
         raise SystemExit(f"error: --seeds {a.seeds}, --batch {a.batch} must be >= 1 and --grid {a.grid} >= 0")
     if a.frames <= 0 or a.frames % a.frames_per_block:
         raise SystemExit(f"error: --frames {a.frames} is not a whole number of {a.frames_per_block}-frame blocks")
+    if a.base_lora_alpha is not None and not a.base_lora_alpha > 0:
+        raise SystemExit(f"error: --base_lora_alpha {a.base_lora_alpha} must be positive")
     os.makedirs(a.out_dir, exist_ok=True)
     dev = torch.device(a.device)
     paths = {"hpsv3": a.hpsv3, "hpsv3_tokenizer": a.hpsv3_tokenizer, "videoalign": a.videoalign,
@@ -189,7 +193,7 @@ def main(argv=None):
     amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
     seeds, runs, grid = list(range(a.seeds)), {}, {}
     for label, lora in [("A", a.lora)] + ([("B", a.lora_b)] if a.lora_b else []):
-        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora,
+        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha,
                      dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         if lora:
             C.load_trained(wan.model.transformer, lora)

@@ -1,7 +1,7 @@
 """Sink + rolling-window KV cache for block-by-block video generation (paper Sec. 3; Self-Forcing, LongLive).
 
-A block attends to the first `sink_frames` latent frames (kept forever) and to the
-`window_frames` most recent frames, itself included. Keys are stored *after* RoPE at their
+A block attends to the sink, `sink_frames` latent frames kept forever (the first ones, until a
+prompt-switch re-cache may move it: `rewrite`), and to the `window_frames` most recent frames, itself included. Keys are stored *after* RoPE at their
 absolute frame positions, so an evicted frame never shifts the positions of the frames that stay.
 
 Storage, per layer, is [batch, tokens, heads, head_dim] in frame order:
@@ -35,6 +35,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.frames = []         # absolute frame index of each own slot, in order
+        self.sinks = tuple(range(sink_frames))  # the frames held as sink: never evicted
         self.prefix = prefix     # None or (k, v, frames): per-layer [1, T, H, D] views of a frozen history
         self.pos = None  # where the current block sits: ((first, last + 1) own slot, attended prefix token ranges)
 
@@ -48,14 +49,13 @@ class KVCache:
         return last[-1] + 1 if last else None
 
     def _in_window(self, f, lo):
-        return f < self.sink or f >= lo
+        return f in self.sinks or f >= lo
 
     def begin_block(self, start, n):
         """Position the cache for the block of frames [start, start + n).
 
-        A block already held (later denoising steps, the context pass, a prompt-switch re-cache)
-        reuses its slots; a new block must follow the last frame and first evicts what leaves the
-        window. Pure bookkeeping on Python ints: no device work, no host sync."""
+        A block already held (later denoising steps, the context pass) reuses its slots; a new block must
+        follow the last frame and first evicts what leaves the window. Pure bookkeeping on Python ints: no device work, no host sync."""
         lo = start + n - self.window  # oldest non-sink frame the block may see
         if start in self.frames:
             i = self.frames.index(start)
@@ -85,6 +85,27 @@ class KVCache:
                 else:
                     ranges.append((j * self.tpf, (j + 1) * self.tpf))
         self.pos = ((i, i + n), tuple(ranges))
+        return self.pos
+
+    def rewrite(self, first, end, keep_sink):
+        """Position the cache for LongLive's prompt-switch re-cache: one call over frames [first, end), the
+        end of what is held, whose K/V overwrite the slots from the first on (frame first + j into slot j),
+        so that the call attends to all of them (LongLive 1.0, wan/modules/causal_model.py: the cached path
+        applies no mask). keep_sink: the sink slots keep their K/V and the call covers [first + sink, end)
+        only (upstream runs the sink's frames too and discards them; nothing else reads them). Otherwise
+        the call's first `sink` frames become the sink. No pointer moves: the next block follows `end`."""
+        if self.prefix is not None:
+            raise ValueError("a re-cache rewrites the cache's own frames; this cache holds a shared prefix")
+        if end != self.end_frame():
+            raise ValueError(f"a re-cache must end at the last frame held ({self.end_frame()}), got {end}")
+        kept = self.frames[:self.sink] if keep_sink else []
+        new = list(range(first + len(kept), end))
+        if len(kept) + len(new) > self.capacity:
+            raise ValueError(f"cache of {self.capacity} frames cannot re-cache frames [{first}, {end})")
+        self.frames = kept + new
+        if not keep_sink:  # the first `sink` slots are the sink, also those the video has not reached yet
+            self.sinks = tuple(range(first, first + self.sink))
+        self.pos = ((len(kept), len(self.frames)), ())
         return self.pos
 
     def attend(self, layer, k, v, store, pos=None):
@@ -122,9 +143,11 @@ class KVCache:
             raise ValueError(f"only a batch-1 history can be shared, this cache has batch {self.k[0].shape[0]}")
         n = len(self.frames) * self.tpf
         _, _, H, D = self.k[0].shape
-        return KVCache(len(self.k), batch, capacity_frames, self.tpf, H, D, self.sink, self.window,
-                       frames_per_block, self.k[0].dtype, self.k[0].device,
-                       prefix=([k[:, :n] for k in self.k], [v[:, :n] for v in self.v], list(self.frames)))
+        forked = KVCache(len(self.k), batch, capacity_frames, self.tpf, H, D, self.sink, self.window,
+                         frames_per_block, self.k[0].dtype, self.k[0].device,
+                         prefix=([k[:, :n] for k in self.k], [v[:, :n] for v in self.v], list(self.frames)))
+        forked.sinks = self.sinks
+        return forked
 
     def tensors(self):
         """Every buffer a block call may read or write (own K/V, shared prefix): what a CUDA graph of the call
@@ -139,7 +162,7 @@ class KVCache:
         return self
 
     def reset(self):
-        self.frames, self.prefix, self.pos = [], None, None
+        self.frames, self.prefix, self.pos, self.sinks = [], None, None, tuple(range(self.sink))
 
     def bytes_in_use(self):
         """Bytes of K/V held for this batch's own frames (a shared prefix is not counted)."""

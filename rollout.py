@@ -41,13 +41,12 @@ def new_cache(model, batch, latent_shape, sink_frames, window_frames, frames_per
 
 @torch.no_grad()
 def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, switches=(), latents=None,
-             progress=False, on_block=None, cache_last_block=True):
+             progress=False, on_block=None, cache_last_block=True, global_sink=True):
     """Generate noise.shape[3] latent frames from `start_frame` on, block by block, into `cache`.
 
-    switches: [(frame, text_kv)]: from that frame on use the new prompt; at the switch the text
-    K/V change and the frames of the last window are re-run at t = 0 with the new prompt to
-    rewrite their cached K/V (LongLive's KV re-cache). `latents` holds earlier frames
-    [B, C, start_frame, h, w] when the re-cache reaches back before this call.
+    switches: [(frame, text_kv)], frames increasing: the new prompt starts at the first block start at or
+    past `frame` (switch_starts), where its K/V re-cache the window (recache; global_sink as there).
+    `latents` holds earlier frames [B, C, start_frame, h, w] when the re-cache reaches back before this call.
     on_block(x0): called with each block's clean latents as soon as they exist (progressive decoding).
     cache_last_block=False skips the last block's context pass when nothing will attend to it (sampling).
     Returns clean latents [B, C, F, h, w] in fp32."""
@@ -61,11 +60,13 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
         raise ValueError(f"frames [{start_frame}, {start_frame + F}) are past the {model.max_frames}-position RoPE table")
     if cache.k[0].shape[0] != B:
         raise ValueError(f"noise has batch {B}, the cache batch {cache.k[0].shape[0]}")
-    switches = dict(switches)
-    bad = [f for f in switches if f not in range(start_frame, start_frame + F, n)]
-    if bad:  # a switch elsewhere would silently never happen
-        raise ValueError(f"prompt switches {bad} are not block starts in [{start_frame}, {start_frame + F}) "
-                         f"(blocks of {n} frames)")
+    first_frame = start_frame - (0 if latents is None else latents.shape[2])
+    starts = switch_starts([f for f, _ in switches], start_frame, start_frame + F, n)
+    for s in starts:  # the re-cache reads the clean frames of the window before the switch
+        if s - min(cache.sink + cache.window, s) < first_frame:
+            raise ValueError(f"the prompt switch at frame {s} re-caches frames from "
+                             f"{s - min(cache.sink + cache.window, s)} on: pass their latents (latents=)")
+    switches = dict(zip(starts, [kv for _, kv in switches]))
     dtype = model.dtype
     out = torch.empty(B, C, F, h, w, dtype=torch.float32, device=noise.device)
     for b in tqdm(range(F // n), desc="blocks", disable=not progress, leave=False):
@@ -73,7 +74,7 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
         if s in switches:
             text_kv = switches[s]
             done = out[:, :, :b * n] if latents is None else torch.cat([latents.float(), out[:, :, :b * n]], 2)
-            recache(model, text_kv, cache, done, start_frame - (0 if latents is None else latents.shape[2]), s, n)
+            recache(model, text_kv, cache, done, first_frame, s, global_sink)
         cache.begin_block(s, n)
         x = noise[:, 0, :, b * n:(b + 1) * n]
         for k, sigma in enumerate(SIGMAS):
@@ -98,12 +99,38 @@ def context_pass(model, text_kv, cache, latents, start, frames_per_block=3):
         model(latents[:, :, b * n:(b + 1) * n].to(dtype), 0.0, text_kv, cache, start + b * n, store=True)
 
 
-def recache(model, text_kv, cache, latents, first_frame, switch_frame, n):
-    """Re-run the held blocks of the last window before `switch_frame` at t = 0 with the new prompt."""
-    held = set(cache.frames)
-    for s in range(switch_frame - n, max(switch_frame - cache.window, 0) - 1, -n)[::-1]:
-        if s >= first_frame and all(f in held for f in range(s, s + n)):
-            context_pass(model, text_kv, cache, latents[:, :, s - first_frame:s - first_frame + n], s, n)
+def switch_starts(frames, start, end, n):
+    """The block starts where prompt switches at `frames` take effect, as LongLive 1.0 schedules them
+    (pipeline/interactive_causal_inference.py: a block at or past the next switch frame switches, one
+    switch a block): a frame that is not a block start is rounded up to the next one."""
+    if list(frames) != sorted(set(frames)) or any(not start <= f < end for f in frames):
+        raise ValueError(f"prompt switches {list(frames)} must be increasing frames in [{start}, {end})")
+    out = []
+    for f in frames:
+        s = start + -(-(f - start) // n) * n
+        out.append(max(s, out[-1] + n) if out else s)
+        if out[-1] >= end:
+            raise ValueError(f"the prompt switch at frame {f} would take effect at frame {out[-1]} (the next block "
+                             f"start, one switch a block), past the last block of [{start}, {end})")
+    return out
+
+
+@torch.no_grad()
+def recache(model, text_kv, cache, latents, first_frame, switch_frame, global_sink=True):
+    """LongLive 1.0's KV re-cache at a prompt switch (pipeline/interactive_causal_inference.py,
+    _recache_after_switch): ONE call at t = 0 with the new prompt over the clean frames [r0, switch_frame),
+    r0 = switch_frame - min(sink + window, switch_frame), at their absolute positions, every frame attending
+    to every rewritten slot and the sink, later frames included (upstream's cached path reads no mask).
+    Frame r0 + j goes into slot j; the sink keeps its K/V only when r0 > 0 and global_sink (LongLive's
+    interactive default); otherwise frames r0 .. r0 + sink - 1 become the sink. latents [B, C, F, h, w]
+    hold frames [first_frame, first_frame + F)."""
+    r0 = switch_frame - min(cache.sink + cache.window, switch_frame)
+    if r0 == switch_frame:
+        return  # a switch at the first frame: nothing generated yet
+    (a, _), _ = cache.rewrite(r0, switch_frame, keep_sink=global_sink and r0 > 0)
+    first = cache.frames[a]
+    x = latents[:, :, first - first_frame:switch_frame - first_frame]
+    model(x.to(model.dtype), 0.0, text_kv, cache, first, store=True)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Sample a video: python sample.py --prompt "a red fox runs through snow" --frames 21 --out fox.mp4
 
-Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames).
+Multi-prompt: --prompt "a fox sleeps|the fox wakes up|the fox runs" --switch 9,18 (latent frames), with
+LongLive 1.0's KV re-cache at each switch (rollout.recache; README, multi-prompt).
 Many videos: --prompts FILE --out FOLDER writes one video per line (NNN-slug.mp4; line i, from 0, is seeded
 --seed + i, so `--prompt LINE --seed S+i` remakes it), one compiled model, cache and warm-up for all.
 With no --model it uses the tiny built-in model (random weights: the video is noise, the code path
@@ -18,16 +19,22 @@ import torch
 import checkpoints as C
 import vae as V
 from config import read_prompts
-from rollout import draw_noise, generate, new_cache
+from rollout import draw_noise, generate, new_cache, switch_starts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--prompt", default=None, help="a prompt, or several separated by '|' (then give --switch)")
 p.add_argument("--prompts", default=None, help="a file of prompts, one video per line (--out is then a folder)")
-p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts")
+p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts; a frame that "
+               "is not a block start takes effect at the next block start (LongLive's rule)")
+p.add_argument("--global_sink", type=int, default=1, choices=(0, 1),
+               help="at a switch past sink + window frames, keep the sink's K/V (1, LongLive's interactive default) or "
+                    "make the re-cached window's first frames the new sink (0, LongLive's long-tuning config)")
 p.add_argument("--model", default=None, help="diffusers Wan2.1-T2V folder (default: the tiny built-in model)")
 p.add_argument("--checkpoint", default=None, help="original-layout generator: Self-Forcing, Causal-Forcing, LongLive base")
 p.add_argument("--checkpoint_key", default=None, help="entry of --checkpoint to use (generator_ema, generator)")
 p.add_argument("--base_lora", default=None, help="LongLive lora.pt, merged into the base")
+p.add_argument("--base_lora_alpha", type=float, default=None,
+               help="LoRA alpha of --base_lora (default: its rank r, read from the tensors; LongLive uses 256 / 256)")
 p.add_argument("--lora", default=None, help="a checkpoint folder written by train.py")
 p.add_argument("--frames", type=int, default=21, help="latent frames (pixel frames = 1 + 4 (frames - 1))")
 p.add_argument("--frames_per_block", type=int, default=3)
@@ -99,8 +106,14 @@ def check_args(a):
         raise SystemExit(f"error: --switch {a.switch!r} is not a comma-separated list of latent frames") from None
     if len(switches) != len(prompts) - 1:
         raise SystemExit(f"error: {len(prompts)} prompts need {len(prompts) - 1} --switch frames, got {switches}")
-    if switches != sorted(set(switches)) or any(not 0 < f < a.frames or f % a.frames_per_block for f in switches):
-        raise SystemExit(f"error: --switch {switches} must be increasing block starts inside (0, {a.frames})")
+    if switches != sorted(set(switches)) or any(not 0 < f < a.frames for f in switches):
+        raise SystemExit(f"error: --switch {switches} must be increasing latent frames inside (0, {a.frames})")
+    try:
+        starts = switch_starts(switches, 0, a.frames, a.frames_per_block)
+    except ValueError as e:
+        raise SystemExit(f"error: --switch: {e}") from None
+    if a.base_lora_alpha is not None and not a.base_lora_alpha > 0:
+        raise SystemExit(f"error: --base_lora_alpha {a.base_lora_alpha} must be positive")
     if a.prompts is None:
         a.out = a.out or "video.mp4"
         out_dir = os.path.dirname(os.path.abspath(a.out))
@@ -130,7 +143,11 @@ def check_args(a):
         raise SystemExit(f"error: --device {a.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {a.device}: no CUDA GPU is available")
-    return jobs, switches
+    for i, (f, s) in enumerate(zip(switches, starts)):
+        if f != s:
+            print(f"--switch {f}: prompt {i + 2} starts at latent frame {s}, "
+                  f"the next block start without a switch (as LongLive schedules it)")
+    return jobs, starts
 
 
 def slug(text, length=40):
@@ -158,7 +175,7 @@ def dry_run(frames, switches, sink, window, n, chunk=3):
     return -(-need // n) * n, dry_switches
 
 
-def render(wan, kvs, switches, noise, cache, n, write=lambda frames: None, progress=False):
+def render(wan, kvs, switches, noise, cache, n, global_sink=True, write=lambda frames: None, progress=False):
     """One video through the sampling path: generate block by block into `cache`, each block decoded as soon as it
     exists (progressive) and passed to write(frames [T, 3, H, W]). Returns the seconds to the first frames."""
     t0, first, decoder = time.perf_counter(), [], V.Decoder(wan.vae)
@@ -171,7 +188,7 @@ def render(wan, kvs, switches, noise, cache, n, write=lambda frames: None, progr
 
     cache.reset()
     generate(wan.model, kvs[0], noise, cache, 0, n, switches=list(zip(switches, kvs[1:])), progress=progress,
-             on_block=on_block, cache_last_block=False)
+             on_block=on_block, cache_last_block=False, global_sink=global_sink)
     return first[0]
 
 
@@ -186,7 +203,7 @@ def main(argv=None):
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
-        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, dtype=dtype)
+        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha, dtype=dtype)
         if a.lora:
             C.load_trained(wan.model.transformer, a.lora)
     except (ValueError, OSError) as e:
@@ -206,7 +223,7 @@ def main(argv=None):
         frames, dry_switches = dry_run(a.frames, switches, a.sink, a.window, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
         render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
-               draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n)
+               draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n, bool(a.global_sink))
         sync()
         print(f"compile, CUDA graph capture and warm-up ({frames} frames): {time.perf_counter() - t0:.1f}s "
               f"(once per process)")
@@ -216,8 +233,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         with VideoFile(path) as video:
             kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
-            first = render(wan, kvs, switches, draw_noise(seed, 1, shape, a.device), cache, n, video.write,
-                           progress=True)
+            first = render(wan, kvs, switches, draw_noise(seed, 1, shape, a.device), cache, n, bool(a.global_sink),
+                           video.write, progress=True)
             sync()
             dt = time.perf_counter() - t0
         extra = "" if not fast else (f"; {compilations() - before[0]} compilations and "

@@ -405,12 +405,11 @@ def test_prompt_switch_recaches_the_window(wan):
     first = generate(m, kv_a, noise[:, :, :, :6], cache)
     before = [k[:, :6 * 16].clone() for k in cache.k]
     rest = generate(m, kv_a, noise[:, :, :, 6:], cache, start_frame=6, switches=[(6, kv_b)], latents=first)
-    # reference: the context passes of frames 0-5 re-run from scratch with prompt B
+    # reference: LongLive's re-cache, frames 0-5 in one call with prompt B, each seeing all six
     ref = new_cache(m, 1, (16, 6, 8, 8), 0, 6, N)
     with torch.no_grad():
-        for s in (0, 3):
-            ref.begin_block(s, N)
-            m(first[:, :, s:s + N], 0.0, kv_b, ref, s, store=True)
+        ref.begin_block(0, 6)
+        m(first, 0.0, kv_b, ref, 0, store=True)
     # window 6 before frame 6 holds frames 0-5; block 6-8 evicted 0-2, so 3-5 sit in slots 0-2
     assert cache.frames == [3, 4, 5, 6, 7, 8]
     for layer, (k, r, b) in enumerate(zip(cache.k, ref.k, before)):
@@ -462,8 +461,10 @@ def test_sample_writes_a_decodable_mp4(tmp_path):
 @pytest.mark.parametrize("args,msg", [
     (["--prompt", " "], "empty prompt"),
     (["--prompt", "a", "--frames", "7"], "whole number"),
-    (["--prompt", "a|b", "--switch", "21", "--frames", "9"], "increasing block starts"),
-    (["--prompt", "a|b|c", "--switch", "6,3", "--frames", "9"], "increasing block starts"),
+    (["--prompt", "a|b", "--switch", "21", "--frames", "9"], "increasing latent frames"),
+    (["--prompt", "a|b|c", "--switch", "6,3", "--frames", "9"], "increasing latent frames"),
+    (["--prompt", "a|b", "--switch", "7", "--frames", "9"], "frame 7 would take effect at frame 9"),
+    (["--prompt", "a", "--base_lora_alpha", "0"], "--base_lora_alpha 0.0 must be positive"),
     (["--prompt", "a|b"], "need 1 --switch"),
     (["--prompt", "a", "--out", "/nonexistent/dir/x.mp4"], "cannot write"),
     (["--prompt", "a", "--frames", "6", "--frames_per_block", "0"], "--frames_per_block 0 must be at least 1"),
@@ -1037,8 +1038,8 @@ def test_generate_rejects_switches_off_block_starts_and_frames_past_rope(wan):
     calls, forward = [], m.forward
     m.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
     try:
-        for frames, msg in [((4,), r"switches \[4\] are not block starts in \[0, 6\)"),
-                            ((9,), r"switches \[9\] are not block starts"), ((-3,), r"switches \[-3\]")]:
+        for frames, msg in [((4,), r"switch at frame 4 would take effect at frame 6 .* past the last block of \[0, 6\)"),
+                            ((9,), r"switches \[9\] must be increasing frames in \[0, 6\)"), ((-3,), r"switches \[-3\]")]:
             with pytest.raises(ValueError, match=msg):
                 generate(m, kv, draw_noise(5, 1, (16, 6, 8, 8)), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N),
                          switches=[(f, kv) for f in frames])

@@ -32,6 +32,7 @@ def test_dry_run_hand_table():
 @pytest.mark.parametrize("args", [
     ["--frames", "12"],                                                  # no eviction
     ["--frames", "36", "--sink", "3", "--window", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
+    ["--frames", "36", "--sink", "3", "--window", "6", "--prompt", "a|b", "--switch", "20", "--global_sink", "0"],
 ])
 def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, capsys, args):
     """dynamo's eager backend on the CPU: the same tracing, guards and recompilations as on the GPU, no codegen.
