@@ -1,6 +1,7 @@
 """Where a run's numbers go: log.jsonl (always; the source of truth that report.py and --resume read) and, with
 --log=jsonl,tensorboard, TensorBoard event files under out_dir/tensorboard: every log.jsonl scalar under the same
-name at the same step, and a histogram of each step's rewards and advantages. Rank 0 only."""
+name at the same step, a histogram of each step's rewards and advantages, and frames of the held-out samples.
+Rank 0 only."""
 import importlib.util
 import json
 import os
@@ -43,6 +44,13 @@ class RunLog:
         """values: {name: tensor} of one step (this rank's samples)."""
         for k, v in values.items() if self.tb else ():
             self.tb.add_histogram(f"hist/{k}", v.detach().float().cpu(), step)
+
+    def frames(self, tag, video, step, count=4):
+        """A held-out sample as `count` evenly spaced frames (video [F, 3, H, W] in [0, 1]): images need no
+        video encoder (TensorBoard's clips need moviepy)."""
+        if self.tb:
+            pick = [round(i * (video.shape[0] - 1) / max(count - 1, 1)) for i in range(min(count, video.shape[0]))]
+            self.tb.add_images(tag, video[pick].detach().float().clamp(0, 1).cpu(), step)
 
     def close(self):
         self.jsonl.close()

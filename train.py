@@ -191,6 +191,7 @@ def evaluate(step, cfg, ctx):
     def save(i, seeds, video):
         if seeds[0] == 0:
             save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
+            ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
     seeds = list(range(cfg.eval_seeds))
     scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
                              cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
@@ -279,7 +280,7 @@ def main(argv):
               f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
               f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
-    log = RunLog(cfg.out_dir, cfg.log, start) if ctx.rank == 0 else None
+    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start) if ctx.rank == 0 else None
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:

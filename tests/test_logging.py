@@ -18,10 +18,12 @@ RUN = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_fram
 def events(out):
     """Scalars and histogram steps as TensorBoard shows them (its accumulator applies the resume's purge)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    return scalars, {tag: [e.step for e in acc.Histograms(tag)] for tag in acc.Tags()["histograms"]}
+    steps = {tag: [e.step for e in acc.Histograms(tag)] for tag in acc.Tags()["histograms"]}
+    steps.update({tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]})
+    return scalars, steps
 
 
 def jsonl_as_events(out):
@@ -53,6 +55,8 @@ def test_tensorboard_holds_every_jsonl_scalar_and_a_resume_adds_no_duplicates(tm
            if any(v.tag == "reward/composite" for v in e.summary.value)]
     assert raw == [1, 2, 3, 3, 4]
     assert hists["hist/advantage"] == hists["hist/reward/composite"] == [1, 2, 3, 4]
+    images = sorted(k for k in hists if k.startswith("eval/sample/"))  # prompt i's seed-0 sample at each evaluation
+    assert len(images) == 4 and all(hists[k] == [0, 2, 4] for k in images)  # 4 held-out prompts, frames in one grid
 
 
 def test_missing_tensorboard_is_one_line_naming_the_package(tmp_path, monkeypatch):
