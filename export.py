@@ -96,7 +96,8 @@ def longlive_lora(a, cfg, alpha, dtype):
     from files import read_safetensors
     name = "adapter_model.safetensors" if a.which == "theta" else C.TRAINED_FILES[a.which]
     pairs = {}
-    for src, scale in ((C.read_checkpoint(cfg["base_lora"]), 1.0), (read_safetensors(os.path.join(a.checkpoint, name)), None)):
+    trained = read_safetensors(os.path.join(a.checkpoint, name))
+    for src, scale in ((C.read_checkpoint(cfg["base_lora"]), 1.0), (trained, None)):
         part = {}
         for k, v in src.items():
             m = re.match(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight$", k)
@@ -112,8 +113,9 @@ def longlive_lora(a, cfg, alpha, dtype):
     full = max(ranks)
     out = {}
     for module, parts in pairs.items():  # a module only one adapter touches: zero rows/columns for the other
-        A = torch.cat([A for A, _, _ in parts] + [parts[0][0].new_zeros(full - sum(r for *_, r in parts), parts[0][0].shape[1])])
-        B = torch.cat([B for _, B, _ in parts] + [parts[0][1].new_zeros(parts[0][1].shape[0], A.shape[0] - sum(r for *_, r in parts))], 1)
+        (A0, B0, _), pad = parts[0], full - sum(r for *_, r in parts)
+        A = torch.cat([A for A, _, _ in parts] + [A0.new_zeros(pad, A0.shape[1])])
+        B = torch.cat([B for _, B, _ in parts] + [B0.new_zeros(B0.shape[0], pad)], 1)
         key = "base_model.model." + C.diffusers_to_wan(module + ".weight")[:-len(".weight")]
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
     return out, full
