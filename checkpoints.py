@@ -28,6 +28,37 @@ _RENAMES = [
 ]
 
 
+# diffusers names -> original-Wan layout: the inverse of _RENAMES, for writing what Self-Forcing and LongLive read
+_INVERSE = [
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"\.(attn[12])\.to_([qkv])\.", r".\1.\2."), (r"\.(attn[12])\.to_out\.0\.", r".\1.o."),
+    (r"\.attn1\.", ".self_attn."), (r"\.attn2\.", ".cross_attn."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."), (r"\.ffn\.net\.2\.", ".ffn.2."),
+    (r"^(blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"\.norm2\.", ".norm3."),
+    (r"^proj_out\.", "head.head."), (r"^scale_shift_table$", "head.modulation"),
+]
+
+
+def diffusers_to_wan(key):
+    """One diffusers-layout key in the original-Wan name; a key with no original name (another model family)
+    is a KeyError, found by renaming back: only a name that returns to itself is one Wan has."""
+    out = key
+    for pattern, repl in _INVERSE:
+        out = re.sub(pattern, repl, out)
+    try:
+        back = wan_to_diffusers(out)
+    except KeyError:
+        back = None
+    if back != key:
+        raise KeyError(f"no original-Wan name for {key!r}")
+    return out
+
+
 def wan_to_diffusers(key):
     """One original-layout key (prefixes `model.`, `_fsdp_wrapped_module.`, `base_model.model.` allowed)."""
     key = key.replace("_fsdp_wrapped_module.", "")
@@ -115,30 +146,36 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
     return transformer
 
 
-def load_trained(transformer, path):
-    """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights."""
+TRAINED_FILES = {"old": "old.safetensors", "ref": "ref.safetensors"}  # theta_old, theta_ref beside theta
+
+
+def load_trained(transformer, path, which="theta"):
+    """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights.
+    which: theta (the trained policy), old or ref (the other two policies the folder keeps)."""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         config = read_json(os.path.join(path, "adapter_config.json"))
         alpha = config.get("lora_alpha") if isinstance(config, dict) else None
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"{path}/adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
-        file = os.path.join(path, "adapter_model.safetensors")
+        file = os.path.join(path, TRAINED_FILES.get(which, "adapter_model.safetensors"))
         return merge_lora(transformer, read_safetensors(file), alpha, file)
     if os.path.isfile(os.path.join(path, "transformer.safetensors")):
-        file = os.path.join(path, "transformer.safetensors")
+        file = os.path.join(path, TRAINED_FILES.get(which, "transformer.safetensors"))
         return load_wan_state_dict(transformer, read_safetensors(file), file)
     raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_config.json nor "
                             f"transformer.safetensors")
 
 
-def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
-    """The generator a user asks for: tiny (model=None), a diffusers folder, optionally with an
-    original-layout checkpoint (Self-Forcing, Causal-Forcing, LongLive base) and a LongLive LoRA."""
+def _needs_model(model, checkpoint, lora):
+    if model is None and (checkpoint or lora):
+        raise ValueError("a checkpoint or LoRA needs --model, the diffusers Wan2.1 folder it builds on")
+
+
+def load_transformer(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
+    """The generator's transformer alone (what a train.py checkpoint adapts), built as load() builds it."""
+    _needs_model(model, checkpoint, lora)
     if model is None:
-        if checkpoint or lora:
-            raise ValueError("a checkpoint or LoRA needs --model, the diffusers Wan2.1 folder it builds on")
-        return load_tiny()
-    from transformers import AutoTokenizer
+        return load_tiny().model.transformer.to(dtype)
     if not os.path.isdir(model):
         raise FileNotFoundError(f"no diffusers model folder at {model}")
     transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
@@ -146,6 +183,17 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
         load_wan_state_dict(transformer, read_checkpoint(checkpoint, checkpoint_key), checkpoint)
     if lora:
         merge_lora(transformer, read_checkpoint(lora), lora_alpha, lora)
+    return transformer
+
+
+def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
+    """The generator a user asks for: tiny (model=None), a diffusers folder, optionally with an
+    original-layout checkpoint (Self-Forcing, Causal-Forcing, LongLive base) and a LongLive LoRA."""
+    _needs_model(model, checkpoint, lora)
+    if model is None:
+        return load_tiny()
+    from transformers import AutoTokenizer
+    transformer = load_transformer(model, checkpoint, checkpoint_key, lora, lora_alpha, dtype)
     encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=dtype).eval()  # bf16 on GPU as in Self-Forcing

@@ -56,6 +56,7 @@ class Config:
     seed: int = 0
     # output
     out_dir: str = "out"
+    log: str = "jsonl"            # where the log goes: jsonl, or jsonl,tensorboard (logs.py)
     log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
     eval_every: int = 25          # evaluate every this many steps and at the end; 0: never
     eval_frames: int = 3
@@ -93,7 +94,7 @@ PRESETS = {
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 # fields that may differ from the checkpoint's on --resume (applied, and said so); any other difference is refused
 RESUME_MAY_CHANGE = ("steps", "lr", "weight_decay", "grad_clip", "gradient_checkpointing", "log_every", "eval_every",
-                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints")
+                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log")
 RESUME_IGNORED = ("out_dir", "resume")
 
 

@@ -24,6 +24,7 @@ import offload
 import vae as V
 from config import check_config, check_frames, check_paths, parse_config, read_prompts
 from files import write_text_durably
+from logs import RunLog, check_log
 from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
 from rollout import SIGMAS, clip_velocity, draw_noise, group_rollout, seed_of
@@ -113,6 +114,7 @@ def train_step(step, cfg, ctx):
     rewards = {k: torch.cat([sc[k] for sc in scores]).to(dev) for k in scores[0]}
     # 4. advantages (Eq. 4) and the uncertainty mask, both over the whole step on all ranks
     A, r = L.advantages(rewards["composite"], G, cfg.a_max)
+    ctx.spread = {**{f"reward/{k}": v for k, v in rewards.items()}, "advantage": A}  # this rank's, for histograms
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
     # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
     N, mask_host = P * G, mask.cpu()  # one transfer: the loop below branches on it
@@ -189,6 +191,7 @@ def evaluate(step, cfg, ctx):
     def save(i, seeds, video):
         if seeds[0] == 0:
             save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
+            ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
     seeds = list(range(cfg.eval_seeds))
     scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
                              cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
@@ -257,6 +260,7 @@ def main(argv):
         return report(argv[1] if len(argv) > 1 else "out/log.jsonl")
     cfg = parse_config(argv)
     check_config(cfg)
+    check_log(cfg.log)
     try:  # loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
         ctx = build(cfg)
         check_frames(cfg, ctx.wan.model.max_frames)
@@ -276,12 +280,12 @@ def main(argv):
               f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
               f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if ctx.rank == 0 else None
+    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start) if ctx.rank == 0 else None
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:
         base = evaluate(0, cfg, ctx)
-        log and log.write(json.dumps({"step": 0, **E.summary(base, base)}) + "\n")
+        log and log.row({"step": 0, **E.summary(base, base)})
     elif cfg.eval_every and os.path.isfile(base_csv):
         base = E.read_scores(base_csv, "theta")
         if base["composite"].shape != (len(ctx.eval_prompts), cfg.eval_seeds):
@@ -293,8 +297,8 @@ def main(argv):
             last_eval = evaluate(step, cfg, ctx)
             row.update(E.summary(last_eval, base))
         if log and (step % cfg.log_every == 0 or "eval/composite" in row):
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+            log.row(row)
+            log.histograms(step, ctx.spread)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(step, cfg, ctx)
     # every rank must end with the same theta: check it rather than assume it
@@ -303,6 +307,7 @@ def main(argv):
     sums = all_sum(checksum, checksum ** 2)
     if abs(sums[1] / ctx.world - (sums[0] / ctx.world) ** 2) > 1e-9 * max(1.0, checksum ** 2):
         raise RuntimeError("ranks ended with different trainable weights")
+    log and log.close()
     if ctx.rank == 0 and base is not None and last_eval is not None:
         s = E.summary(last_eval, base)
         print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), step 0 -> {cfg.steps}: "
