@@ -115,20 +115,40 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
     return transformer
 
 
+def check_trained(path):
+    """That `path` is a train.py checkpoint folder (before any generator is built); returns its weights file."""
+    for name in ("adapter_model.safetensors", "transformer.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            if name.startswith("adapter") and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise FileNotFoundError(f"{path} holds {name} but no adapter_config.json: not a whole checkpoint")
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_model.safetensors "
+                            f"nor transformer.safetensors")
+
+
+# the files diffusers' from_pretrained reads for each part of a Wan2.1 folder
+MODEL_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
+
+
+def check_model_dir(model):
+    """A diffusers Wan2.1 folder holds what load() reads: checked before any part of it is built."""
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"no diffusers model folder at {model}")
+    missing = [f for f in MODEL_FILES if not os.path.exists(os.path.join(model, f))]
+    if missing:
+        raise FileNotFoundError(f"{model} is not a diffusers Wan2.1 folder: it lacks {', '.join(missing)}")
+
+
 def load_trained(transformer, path):
     """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    file = check_trained(path)
+    if file.endswith("adapter_model.safetensors"):
         config = read_json(os.path.join(path, "adapter_config.json"))
         alpha = config.get("lora_alpha") if isinstance(config, dict) else None
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"{path}/adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
-        file = os.path.join(path, "adapter_model.safetensors")
         return merge_lora(transformer, read_safetensors(file), alpha, file)
-    if os.path.isfile(os.path.join(path, "transformer.safetensors")):
-        file = os.path.join(path, "transformer.safetensors")
-        return load_wan_state_dict(transformer, read_safetensors(file), file)
-    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_config.json nor "
-                            f"transformer.safetensors")
+    return load_wan_state_dict(transformer, read_safetensors(file), file)
 
 
 def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha=None, dtype=torch.bfloat16):
@@ -139,8 +159,7 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
             raise ValueError("a checkpoint or LoRA needs --model, the diffusers Wan2.1 folder it builds on")
         return load_tiny()
     from transformers import AutoTokenizer
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"no diffusers model folder at {model}")
+    check_model_dir(model)
     transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
     if checkpoint:
         load_wan_state_dict(transformer, read_checkpoint(checkpoint, checkpoint_key), checkpoint)

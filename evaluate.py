@@ -116,9 +116,12 @@ def read_scores(path, label):
 
 
 def table(runs, labels):
-    """Markdown: per reward each generator's mean +/- s.e.; for two, B - A (paired) +/- s.e. and B's win rate."""
+    """Markdown: per reward each generator's mean +/- s.e.; for two, B - A (paired) +/- s.e. and the fraction of
+    samples where B is higher (ties one half)."""
     a = runs[labels[0]]
-    head = ["reward", *(f"{x}: mean ± s.e." for x in labels)] + (["B − A (paired) ± s.e.", "B wins"] if len(labels) > 1 else [])
+    b = labels[-1]
+    head = ["reward", *(f"{x}: mean ± s.e." for x in labels)] + \
+        ([f"{b} − {labels[0]} (paired) ± s.e.", f"{b} higher"] if len(labels) > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for k in a:
         cells = [k] + ["%.4f ± %.4f" % mean_se(runs[x][k]) for x in labels]
