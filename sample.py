@@ -6,6 +6,8 @@ is the real one). See README.md for real checkpoints.
 """
 import argparse
 import os
+import signal
+import sys
 import time
 
 import imageio
@@ -13,6 +15,7 @@ import torch
 
 import checkpoints as C
 import vae as V
+from files import remove_stale_tmp
 from rollout import draw_noise, generate, new_cache
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +31,9 @@ p.add_argument("--frames_per_block", type=int, default=3)
 p.add_argument("--sink", type=int, default=3, help="sink frames kept in the cache forever")
 p.add_argument("--window", type=int, default=21, help="most recent frames attended besides the sink")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the generator's; "
+                                                        "a checkpoint samples best at the size it was trained at)")
+p.add_argument("--width", type=int, default=None)
 p.add_argument("--out", default="video.mp4")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--fast", type=int, default=1,
@@ -92,9 +98,19 @@ def check_args(a):
         raise SystemExit(f"error: cannot write --out {a.out}")
     if os.path.splitext(a.out)[1].lower() != ".mp4":
         raise SystemExit(f"error: --out {a.out!r} must end in .mp4 (the video is written with ffmpeg as mp4)")
+    for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
+        if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
+            raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")
     for flag in ("model", "checkpoint", "base_lora", "lora"):
         if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} does not exist")
+    try:  # the folders' contents too: a wrong folder is named now, not after the generator is built
+        if a.model:
+            C.check_model_dir(a.model)
+        if a.lora:
+            C.check_trained(a.lora)
+    except OSError as e:
+        raise SystemExit(f"error: {e}") from None
     if (a.checkpoint or a.base_lora) and not a.model:
         raise SystemExit("error: --checkpoint and --base_lora need --model, the diffusers Wan2.1 folder they build on")
     try:
@@ -109,6 +125,7 @@ def check_args(a):
 def main(argv=None):
     a = p.parse_args(argv)
     prompts, switches = check_args(a)
+    remove_stale_tmp(os.path.dirname(os.path.abspath(a.out)))
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
@@ -120,6 +137,7 @@ def main(argv=None):
     if a.frames > wan.model.max_frames:  # cached keys keep absolute positions: the RoPE table bounds the video
         raise SystemExit(f"error: --frames {a.frames} is past the generator's {wan.model.max_frames}-frame RoPE table")
     wan.to(a.device)
+    wan.height, wan.width = a.height or wan.height, a.width or wan.width
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache: its addresses key the CUDA graphs
@@ -156,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill unwinds VideoFile: no temporary file left
     main()

@@ -874,7 +874,10 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert f"{d.mean():+.4f} ± {d.std(ddof=1) / len(d) ** 0.5:.4f} | {100 * np.mean(d > 0):.0f}%" in line
     assert runs["A"]["composite"].shape == (len(prompts), 3)
     grid = imageio.v2.imread(tmp_path / "ev" / "grid.png")  # 4 prompts x (A | B), each first / middle / last frame
-    assert grid.shape == (4 * 32 + 3 * 4, 2 * 3 * 32 + 4, 3)
+    k, top, left = 4, 44, 260  # 32-pixel frames scaled to 128, below the generators' names, right of the prompts
+    assert grid.shape == (top + k * (4 * 32 + 3 * 4), left + k * (2 * 3 * 32 + 4), 3)
+    assert (grid[:top] < 128).any() and (grid[top:, :left] < 128).any()  # labels drawn
+    grid = grid[top::k, left::k]  # back to one pixel per frame pixel
     w = M.load_tiny()
     w.height = w.width = 32
     lat = generate(w.model, w.model.text_kv(w.text_encoder([prompts[1]])), draw_noise(hash((0, 1, 0)) & 0x7FFFFFFF, 1,
