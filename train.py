@@ -246,10 +246,8 @@ FLAT_STEPS = 3  # this many flat steps in a row earn a warning
 
 def main(argv):
     if argv[:1] == ["report"]:
-        if len(argv) > 2:
-            raise SystemExit(f"error: train.py report takes one log file, got {argv[1:]}")
         from report import report
-        return report(argv[1] if len(argv) > 1 else "out/log.jsonl")
+        return report(argv[1:])
     cfg = parse_config(argv)
     check_config(cfg)
     try:  # loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback

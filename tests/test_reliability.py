@@ -107,3 +107,111 @@ def test_a_second_claim_in_the_same_process_is_refused_by_another_open_lock(tmp_
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         run_dir.release(out)
+
+
+# ------------------------------------------------------------------ degenerate inputs, finite statistics
+def huge(frames, prompts):
+    return 1e30 * (1 + frames.flatten(1).mean(1))
+
+
+def constant(frames, prompts):
+    return torch.ones(len(frames))
+
+
+def test_statistics_stay_finite_and_flat_groups_are_counted(tmp_path, capsys):
+    out = tmp_path / "huge"
+    train.main(FAST + ["--steps=1", "--reward=test_reliability:huge:1", f"--out_dir={out}"])
+    row = json.loads(open(out / "log.jsonl").readline())
+    assert all(v == v and abs(v) != float("inf") for v in row.values() if isinstance(v, float))
+    assert 0 < row["composite_std"] < 1e30 and row["flat_groups"] == 0
+    train.main(FAST + ["--steps=3", "--reward=test_reliability:constant:1", f"--out_dir={tmp_path / 'flat'}"])
+    assert [json.loads(r)["flat_groups"] for r in open(tmp_path / "flat" / "log.jsonl")] == [1, 1, 1]
+    assert "steps 1-3: every group's candidates got equal rewards" in capsys.readouterr().out
+
+
+BAD_TRAIN = [
+    (["--reward=colorfulness:0,smoothness:0"], "has no nonzero weight"),
+    (["--lr=1e38"], r"lr=1e\+38 must be at most 1"),
+    (["--lr=0.5", "--weight_decay=3"], "weight_decay=3.0 times lr=0.5 must be below 1"),
+    (["--seed=-1"], "seed=-1 must lie in"),
+    (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD_TRAIN)
+def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, args, msg):
+    one_line_error(lambda: train.main(FAST + args + [f"--out_dir={tmp_path / 'run'}"]), msg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompts_read_as_utf8_without_bom_and_crlf(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red fox\r\n\r\nsnow\r\n".encode("utf-8"))
+    assert config.read_prompts(str(f)) == ["a red fox", "snow"]
+    f.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+    one_line_error(lambda: config.read_prompts(str(f)), f"{f} line 3 is not UTF-8 text")
+
+
+# ------------------------------------------------------------------ seeds
+def test_lora_initialisation_follows_the_seed(monkeypatch):
+    def adapters(seed):
+        ctx = train.build(config.parse_config(FAST + [f"--seed={seed}"]))
+        return torch.cat([p.detach().flatten() for p in ctx.policy.params("default")])
+    a0, b0, a1 = adapters(0), adapters(0), adapters(1)
+    assert torch.equal(a0, b0) and not torch.equal(a0, a1)
+
+
+# ------------------------------------------------------------------ evaluate.py, sample.py: errors first
+def test_evaluate_checks_lora_b_and_out_dir_before_generator_a(tmp_path, no_compute):
+    import evaluate
+    not_ckpt = tmp_path / "notckpt"
+    not_ckpt.mkdir()
+    one_line_error(lambda: evaluate.main(["--lora_b", str(not_ckpt), "--out_dir", str(tmp_path / "ev")]),
+                   "is not a train.py checkpoint folder")
+    one_line_error(lambda: evaluate.main(["--model", str(not_ckpt), "--out_dir", str(tmp_path / "ev")]),
+                   "is not a diffusers Wan2.1 folder: it lacks transformer/config.json")
+    one_line_error(lambda: evaluate.main(["--height", "40", "--out_dir", str(tmp_path / "ev")]), "--height 40")
+    one_line_error(lambda: evaluate.main(["--reward", "colorfulness:0", "--out_dir", str(tmp_path / "ev")]),
+                   "no nonzero weight")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_sample_checks_folders_and_size_first_and_removes_stale_tmp(tmp_path, monkeypatch, no_compute):
+    import sample
+    not_ckpt = tmp_path / "notckpt"
+    not_ckpt.mkdir()
+    out = str(tmp_path / "v.mp4")
+    one_line_error(lambda: sample.main(["--prompt", "a", "--lora", str(not_ckpt), "--out", out, "--device", "cpu"]),
+                   "is not a train.py checkpoint folder")
+    one_line_error(lambda: sample.main(["--prompt", "a", "--width", "20", "--out", out, "--device", "cpu"]),
+                   "--width 20 must be a positive multiple of 16")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{dead.stdout.strip()}-v.mp4"
+    stale.write_bytes(b"partial")
+    mine = tmp_path / f".tmp-{os.getpid()}-w.mp4"  # a live writer's: kept
+    mine.write_bytes(b"in progress")
+    with pytest.raises(pytest.fail.Exception, match="a model was built"):  # the inputs are good: it goes on
+        sample.main(["--prompt", "a", "--out", out, "--device", "cpu"])
+    assert not stale.exists() and mine.exists()
+
+
+def test_sample_size_flags_set_the_video_size(tmp_path):
+    import imageio
+    import sample
+    out = tmp_path / "v.mp4"
+    sample.main(["--prompt", "a fox", "--frames", "3", "--height", "32", "--width", "48", "--out", str(out),
+                 "--device", "cpu"])
+    assert imageio.mimread(str(out))[0].shape == (32, 48, 3)
+
+
+# ------------------------------------------------------------------ report
+def test_report_draws_controls_beside_the_run_without_warnings(tmp_path, recwarn):
+    run, ctl = tmp_path / "run.jsonl", tmp_path / "rand" / "log.jsonl"
+    ctl.parent.mkdir()
+    for path, d in ((run, 0.1), (ctl, 0.0)):
+        path.write_text("".join(json.dumps({"step": s, "reward/composite": d * s}) + "\n" for s in range(1, 5)))
+    train.main(["report", str(run), "--control", str(ctl)])
+    assert (tmp_path / "run.png").stat().st_size > 0
+    assert not [w for w in recwarn.list if "legend" in str(w.message).lower()]
+    one_line_error(lambda: train.main(["report", str(run), "--control"]), "--control needs a log file")
+    one_line_error(lambda: train.main(["report", str(run), "--control", str(tmp_path / "none")]), "no log file")
