@@ -24,6 +24,7 @@ import model as M
 import offload
 import vae as V
 from config import check_config, check_frames, check_paths, parse_config, read_prompts
+from files import remove_stale_tmp
 from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
 from run_dir import claim_on_rank0, release, trim_log
@@ -256,6 +257,7 @@ def main(argv):
         if ctx.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
             clean_stale(cfg.out_dir)
+            remove_stale_tmp(os.path.join(cfg.out_dir, "samples"))  # videos of a killed evaluation
         start, changes = load_checkpoint(cfg, ctx) if cfg.resume else (0, {})
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -215,3 +215,13 @@ def test_report_draws_controls_beside_the_run_without_warnings(tmp_path, recwarn
     assert not [w for w in recwarn.list if "legend" in str(w.message).lower()]
     one_line_error(lambda: train.main(["report", str(run), "--control"]), "--control needs a log file")
     one_line_error(lambda: train.main(["report", str(run), "--control", str(tmp_path / "none")]), "no log file")
+
+
+def test_generate_refuses_non_finite_noise_before_any_forward(wan, monkeypatch):
+    from rollout import draw_noise, generate, new_cache
+    shape = wan.latent_shape(3)
+    noise = draw_noise(0, 1, shape)
+    noise[0, 1, 0, 0, 0, 0] = float("nan")
+    monkeypatch.setattr(type(wan.model), "forward", lambda *a, **k: pytest.fail("a forward ran"))
+    with pytest.raises(ValueError, match="noise holds non-finite"):
+        generate(wan.model, None, noise, new_cache(wan.model, 1, shape, 3, 9, 3), 0, 3)
