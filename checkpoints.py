@@ -146,24 +146,45 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
     return transformer
 
 
+def check_trained(path):
+    """That `path` is a train.py checkpoint folder (before any generator is built); returns its weights file."""
+    for name in ("adapter_model.safetensors", "transformer.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            if name.startswith("adapter") and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise FileNotFoundError(f"{path} holds {name} but no adapter_config.json: not a whole checkpoint")
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_model.safetensors "
+                            f"nor transformer.safetensors")
+
+
+# the files diffusers' from_pretrained reads for each part of a Wan2.1 folder
+MODEL_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
+
+
+def check_model_dir(model, parts=MODEL_FILES):
+    """A diffusers Wan2.1 folder holds what load() reads: checked before any part of it is built."""
+    if not os.path.isdir(model):
+        raise FileNotFoundError(f"no diffusers model folder at {model}")
+    missing = [f for f in parts if not os.path.exists(os.path.join(model, f))]
+    if missing:
+        raise FileNotFoundError(f"{model} is not a diffusers Wan2.1 folder: it lacks {', '.join(missing)}")
+
+
 TRAINED_FILES = {"old": "old.safetensors", "ref": "ref.safetensors"}  # theta_old, theta_ref beside theta
 
 
 def load_trained(transformer, path, which="theta"):
     """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights.
     which: theta (the trained policy), old or ref (the other two policies the folder keeps)."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if check_trained(path).endswith("adapter_model.safetensors"):
         config = read_json(os.path.join(path, "adapter_config.json"))
         alpha = config.get("lora_alpha") if isinstance(config, dict) else None
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"{path}/adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
         file = os.path.join(path, TRAINED_FILES.get(which, "adapter_model.safetensors"))
         return merge_lora(transformer, read_safetensors(file), alpha, file)
-    if os.path.isfile(os.path.join(path, "transformer.safetensors")):
-        file = os.path.join(path, TRAINED_FILES.get(which, "transformer.safetensors"))
-        return load_wan_state_dict(transformer, read_safetensors(file), file)
-    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_config.json nor "
-                            f"transformer.safetensors")
+    file = os.path.join(path, TRAINED_FILES.get(which, "transformer.safetensors"))
+    return load_wan_state_dict(transformer, read_safetensors(file), file)
 
 
 def _needs_model(model, checkpoint, lora):
@@ -176,8 +197,7 @@ def load_transformer(model=None, checkpoint=None, checkpoint_key=None, lora=None
     _needs_model(model, checkpoint, lora)
     if model is None:
         return load_tiny().model.transformer.to(dtype)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(f"no diffusers model folder at {model}")
+    check_model_dir(model, ("transformer/config.json",))
     transformer = WanTransformer3DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
     if checkpoint:
         load_wan_state_dict(transformer, read_checkpoint(checkpoint, checkpoint_key), checkpoint)
@@ -193,6 +213,7 @@ def load(model=None, checkpoint=None, checkpoint_key=None, lora=None, lora_alpha
     if model is None:
         return load_tiny()
     from transformers import AutoTokenizer
+    check_model_dir(model)
     transformer = load_transformer(model, checkpoint, checkpoint_key, lora, lora_alpha, dtype)
     encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")

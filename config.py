@@ -64,6 +64,7 @@ class Config:
     save_every: int = 100         # a checkpoint every this many steps (>= 1) and at the end
     keep_checkpoints: int = 1     # how many of the newest ckpt-* folders to keep
     resume: bool = False
+    overwrite: bool = False       # a fresh run into a folder holding a run: move that run aside (run_dir.claim)
 
 
 _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=12, prompts_per_rank=1, group_size=24,
@@ -95,7 +96,7 @@ BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no":
 # fields that may differ from the checkpoint's on --resume (applied, and said so); any other difference is refused
 RESUME_MAY_CHANGE = ("steps", "lr", "weight_decay", "grad_clip", "gradient_checkpointing", "log_every", "eval_every",
                      "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log")
-RESUME_IGNORED = ("out_dir", "resume")
+RESUME_IGNORED = ("out_dir", "resume", "overwrite")
 
 
 def _value(key, text, t, nullable):
@@ -135,13 +136,18 @@ def parse_config(argv):
 
 
 def read_prompts(path):
+    """One prompt per non-blank line, UTF-8 (a byte-order mark is dropped: it would reach the text encoder),
+    LF or CRLF line ends."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: prompt file {path} does not exist")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: prompt file {path} is not UTF-8 text ({e})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise SystemExit(f"error: prompt file {path} line {line} is not UTF-8 text (byte {data[e.start]:#04x})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"error: prompt file {path} has no prompts")
     return prompts
@@ -166,6 +172,14 @@ def check_config(cfg):
             need(math.isfinite(getattr(cfg, f.name)), f.name, "must be a finite number")
     for k in ("lr", "beta", "a_max", "tau_kl", "grad_clip"):
         need(getattr(cfg, k) > 0, k, "must be positive")
+    # AdamW moves each weight by about lr a step and scales it by 1 - lr * weight_decay: past these the weights
+    # overflow or flip sign every step
+    need(cfg.lr <= 1, "lr", "must be at most 1 (AdamW moves every weight by about lr per step)")
+    need(cfg.lr * cfg.weight_decay < 1, "weight_decay", f"times lr={cfg.lr} must be below 1 (AdamW scales the weights "
+                                                        f"by 1 - lr * weight_decay each step)")
+    need(0 <= cfg.seed < 2 ** 63, "seed", "must lie in [0, 2^63) (torch.manual_seed)")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "and --resume=true exclude each other: continue the run "
+                                                          "in out_dir, or move it aside and start anew")
     for k in ("kl_weight", "weight_decay"):
         need(getattr(cfg, k) >= 0, k, "must be at least 0")
     for k in ("gamma", "rho"):

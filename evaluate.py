@@ -24,7 +24,7 @@ from tqdm import tqdm
 import checkpoints as C
 import vae as V
 from config import read_prompts
-from rewards import build_reward
+from rewards import build_reward, parse_spec
 from rollout import draw_noise, generate, new_cache, seed_of
 
 
@@ -116,9 +116,12 @@ def read_scores(path, label):
 
 
 def table(runs, labels):
-    """Markdown: per reward each generator's mean +/- s.e.; for two, B - A (paired) +/- s.e. and B's win rate."""
+    """Markdown: per reward each generator's mean +/- s.e.; for two, B - A (paired) +/- s.e. and the fraction of
+    samples where B is higher (ties one half)."""
     a = runs[labels[0]]
-    head = ["reward", *(f"{x}: mean ± s.e." for x in labels)] + (["B − A (paired) ± s.e.", "B wins"] if len(labels) > 1 else [])
+    b = labels[-1]
+    head = ["reward", *(f"{x}: mean ± s.e." for x in labels)] + \
+        ([f"{b} − {labels[0]} (paired) ± s.e.", f"{b} higher"] if len(labels) > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for k in a:
         cells = [k] + ["%.4f ± %.4f" % mean_se(runs[x][k]) for x in labels]
@@ -129,9 +132,13 @@ def table(runs, labels):
     return "\n".join(lines)
 
 
-def save_grid(path, rows):
-    """rows: one list per sample of videos [T, 3, H, W] in [0, 1]; each shows its first, middle and last
-    frame side by side, videos of a row separated by a white gap. Written as a PNG."""
+def save_grid(path, rows, columns, prompts, frame_px=128):
+    """rows: one list per prompt of videos [T, 3, H, W] in [0, 1], one per generator; each shows its first,
+    middle and last frame side by side, generators separated by a white gap. Written as a PNG, frames scaled up
+    (nearest) to about frame_px, with the generator names (`columns`) above and each row's prompt at its left.
+    Returns where the frames lie: (scale, top, left) of the scaled mosaic in the image."""
+    from PIL import Image, ImageDraw, ImageFont
+
     def strip(video):
         T = video.shape[0]
         return torch.cat([video[t] for t in (0, T // 2, T - 1)], 2)  # [3, H, 3W]
@@ -141,7 +148,24 @@ def save_grid(path, rows):
         gap = torch.ones(3, parts[0].shape[1], 4)
         lines.append(torch.cat([x for p in parts for x in (p, gap)][:-1], 2))
     img = torch.cat([x for line in lines for x in (line, torch.ones(3, 4, line.shape[2]))][:-1], 1)
-    imageio.imwrite(path, (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+    H, W = rows[0][0].shape[2:]
+    k = max(1, -(-frame_px // H))
+    mosaic = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    mosaic = mosaic.repeat(k, 0).repeat(k, 1)
+    font = ImageFont.load_default(size=14)
+    top, left = 44, 260
+    canvas = Image.new("RGB", (left + mosaic.shape[1], top + mosaic.shape[0]), "white")
+    canvas.paste(Image.fromarray(mosaic), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for g, name in enumerate(columns):
+        draw.text((left + g * (3 * W + 4) * k, 4), str(name)[-40:], fill="black", font=font)
+        draw.text((left + g * (3 * W + 4) * k, 24), "first | middle | last frame", fill="gray", font=font)
+    for i, prompt in enumerate(prompts):
+        text = f"{i}: {prompt}"
+        wrapped = [text[j:j + 30] for j in range(0, min(len(text), 120), 30)]
+        draw.multiline_text((4, top + i * (H + 4) * k), "\n".join(wrapped), fill="black", font=font)
+    canvas.save(path)
+    return k, top, left
 
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,19 +197,45 @@ p.add_argument("--out_dir", default="eval")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def main(argv=None):
-    a = p.parse_args(argv)
+def check_args(a):
+    """Every flag, file and folder, before any generator is built (B's folder too: not found after A's run)."""
     prompts = read_prompts(a.prompts)
-    for flag in ("lora", "lora_b"):
-        if getattr(a, flag) and not os.path.isdir(getattr(a, flag)):
-            raise SystemExit(f"error: --{flag} {getattr(a, flag)} is not a train.py checkpoint folder")
-    if a.seeds < 1 or a.batch < 1 or a.grid < 0:
-        raise SystemExit(f"error: --seeds {a.seeds}, --batch {a.batch} must be >= 1 and --grid {a.grid} >= 0")
+    if a.seeds < 1 or a.batch < 1 or a.grid < 0 or a.frames_per_block < 1:
+        raise SystemExit(f"error: --seeds {a.seeds}, --batch {a.batch}, --frames_per_block {a.frames_per_block} "
+                         f"must be >= 1 and --grid {a.grid} >= 0")
     if a.frames <= 0 or a.frames % a.frames_per_block:
         raise SystemExit(f"error: --frames {a.frames} is not a whole number of {a.frames_per_block}-frame blocks")
     if a.base_lora_alpha is not None and not a.base_lora_alpha > 0:
         raise SystemExit(f"error: --base_lora_alpha {a.base_lora_alpha} must be positive")
-    os.makedirs(a.out_dir, exist_ok=True)
+    if not 0 <= a.sink <= a.window or a.window < a.frames_per_block:
+        raise SystemExit(f"error: --sink {a.sink} / --window {a.window}: need 0 <= sink <= window and a window of at "
+                         f"least one block ({a.frames_per_block} frames)")
+    for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
+        if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
+            raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")
+    try:
+        parse_spec(a.reward)
+        for flag in ("model", "checkpoint", "base_lora", "hpsv3", "videoalign", "videoalign_base"):
+            if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
+                raise FileNotFoundError(f"--{flag} {getattr(a, flag)} does not exist")
+        if a.model:
+            C.check_model_dir(a.model)
+        for flag in ("lora", "lora_b"):
+            if getattr(a, flag):
+                C.check_trained(getattr(a, flag))
+        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {a.device}: no CUDA GPU is available")
+        os.makedirs(a.out_dir, exist_ok=True)
+        if not os.access(a.out_dir, os.W_OK):
+            raise PermissionError(f"--out_dir {a.out_dir} is not writable")
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return prompts
+
+
+def main(argv=None):
+    a = p.parse_args(argv)
+    prompts = check_args(a)
     dev = torch.device(a.device)
     paths = {"hpsv3": a.hpsv3, "hpsv3_tokenizer": a.hpsv3_tokenizer, "videoalign": a.videoalign,
              "videoalign_base": a.videoalign_base}
@@ -213,7 +263,9 @@ def main(argv=None):
     with open(os.path.join(a.out_dir, "summary.md"), "w") as f:
         f.write(text)
     if grid:
-        save_grid(os.path.join(a.out_dir, "grid.png"), [grid[i] for i in sorted(grid)])
+        names = [f"A: {a.lora or 'base'}"] + ([f"B: {a.lora_b}"] if a.lora_b else [])
+        save_grid(os.path.join(a.out_dir, "grid.png"), [grid[i] for i in sorted(grid)], names,
+                  [prompts[i] for i in sorted(grid)])
     print(text + f"wrote {a.out_dir}/scores.csv, summary.md" + (", grid.png" if grid else ""))
     return runs
 

@@ -75,3 +75,25 @@ def write_text_durably(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     replace_durably(tmp, path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+STALE_TMP = re.compile(r"\.tmp-(\d+)-.+")  # VideoFile's temporary name: .tmp-<pid>-<final name>
+
+
+def remove_stale_tmp(folder):
+    """Remove the temporary files that writers killed mid-write left in `folder` (their process is gone)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        found = STALE_TMP.fullmatch(name)
+        if found and not pid_alive(int(found.group(1))):
+            os.remove(os.path.join(folder, name))
+            print(f"removed {os.path.join(folder, name)}, left by an interrupted write")

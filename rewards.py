@@ -95,12 +95,21 @@ class CompositeReward:
                     except Exception as e:  # a failing reward stops the step; it never turns into a constant
                         raise RuntimeError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
                     self.seconds[name] = time.perf_counter() - t0
-                    if r.shape != (len(frames),) or not torch.isfinite(r).all():
-                        raise ValueError(f"reward {name!r} must return {len(frames)} finite floats, got {r.tolist()}")
-                    out[name] = r
+                    if r.shape != (len(frames),):
+                        raise ValueError(f"reward {name!r} must return {len(frames)} floats, got {r.tolist()}")
+                    out[name] = _finite(name, r, prompts)
         out = {name: out[name] for name in self.names}
-        out["composite"] = sum(w * out[n] for n, w in zip(self.names, self.weights))
+        out["composite"] = _finite("composite", sum(w * out[n] for n, w in zip(self.names, self.weights)), prompts)
         return out
+
+
+def _finite(name, r, prompts):
+    """A NaN or inf score would turn every advantage of the step into NaN: stop, naming the reward and sample."""
+    bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"reward {name!r} is {r[bad[0]].item()} (not finite) for sample {bad[0]} of the batch "
+                         f"(prompt {prompts[bad[0]]!r:.80})" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    return r
 
 
 def parse_spec(spec):
@@ -119,6 +128,8 @@ def parse_spec(spec):
         terms.append((name, w))
     if not terms:
         raise ValueError(f"empty reward spec {spec!r}")
+    if not any(w for _, w in terms):  # a zero composite gives zero advantages: the whole run would train nothing
+        raise ValueError(f"reward spec {spec!r} has no nonzero weight: the composite would be 0 and nothing trained")
     return terms
 
 

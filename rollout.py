@@ -52,6 +52,9 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     Returns clean latents [B, C, F, h, w] in fp32."""
     if noise.ndim != 6 or noise.shape[1] != len(SIGMAS):
         raise ValueError(f"noise must be [B, {len(SIGMAS)}, C, F, h, w] (draw_noise), got {tuple(noise.shape)}")
+    for name, x in (("noise", noise), ("latents", latents)):  # a NaN would spread through every later frame's cache
+        if x is not None and not torch.isfinite(x).all():
+            raise ValueError(f"{name} holds non-finite (NaN or inf) values")
     B, S, C, F, h, w = noise.shape
     n = frames_per_block
     if n < 1 or F % n:

@@ -11,6 +11,8 @@ import argparse
 import math
 import os
 import re
+import signal
+import sys
 import time
 
 import imageio
@@ -19,6 +21,7 @@ import torch
 import checkpoints as C
 import vae as V
 from config import read_prompts
+from files import remove_stale_tmp
 from rollout import draw_noise, generate, new_cache, switch_starts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +44,9 @@ p.add_argument("--frames_per_block", type=int, default=3)
 p.add_argument("--sink", type=int, default=3, help="sink frames kept in the cache forever")
 p.add_argument("--window", type=int, default=21, help="most recent frames attended besides the sink")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the generator's; "
+                                                        "a checkpoint samples best at the size it was trained at)")
+p.add_argument("--width", type=int, default=None)
 p.add_argument("--out", default=None, help="the mp4 (default video.mp4), or with --prompts a folder (default videos)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--fast", type=int, default=1,
@@ -132,9 +138,19 @@ def check_args(a):
         width = max(3, len(str(len(lines) - 1)))
         jobs = [(os.path.join(a.out, f"{i:0{width}d}-{slug(q)}.mp4"), q.split("|"), a.seed + i)
                 for i, q in enumerate(lines)]
+    for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
+        if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
+            raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")
     for flag in ("model", "checkpoint", "base_lora", "lora"):
         if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} does not exist")
+    try:  # the folders' contents too: a wrong folder is named now, not after the generator is built
+        if a.model:
+            C.check_model_dir(a.model)
+        if a.lora:
+            C.check_trained(a.lora)
+    except OSError as e:
+        raise SystemExit(f"error: {e}") from None
     if (a.checkpoint or a.base_lora) and not a.model:
         raise SystemExit("error: --checkpoint and --base_lora need --model, the diffusers Wan2.1 folder they build on")
     try:
@@ -200,6 +216,8 @@ def compilations():
 def main(argv=None):
     a = p.parse_args(argv)
     jobs, switches = check_args(a)
+    for folder in {os.path.dirname(os.path.abspath(path)) for path, _, _ in jobs}:
+        remove_stale_tmp(folder)  # partial videos of a killed earlier run
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
@@ -211,6 +229,7 @@ def main(argv=None):
     if a.frames > wan.model.max_frames:  # cached keys keep absolute positions: the RoPE table bounds the video
         raise SystemExit(f"error: --frames {a.frames} is past the generator's {wan.model.max_frames}-frame RoPE table")
     wan.to(a.device)
+    wan.height, wan.width = a.height or wan.height, a.width or wan.width
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video: its addresses key the graphs
@@ -245,4 +264,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill unwinds VideoFile: no temporary file left
     main()

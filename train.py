@@ -8,6 +8,7 @@ Config: config.py's dataclass; a preset first, then any field as --key=value.
 Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -23,10 +24,11 @@ import model as M
 import offload
 import vae as V
 from config import check_config, check_frames, check_paths, parse_config, read_prompts
-from files import write_text_durably
+from files import remove_stale_tmp
 from logs import RunLog, check_log
 from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from rewards import build_reward
+from run_dir import claim_on_rank0, release, trim_log
 from rollout import SIGMAS, clip_velocity, draw_noise, group_rollout, seed_of
 from sample import save_video
 
@@ -159,6 +161,9 @@ def train_step(step, cfg, ctx):
     # 6-8. optimizer step, EMA of theta_old, dynamic reference
     params = ctx.policy.params("default")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    if not math.isfinite(grad_norm):  # before the optimizer step: theta stays as it was
+        raise RuntimeError(f"step {step}: the gradient norm is {grad_norm} (lr={cfg.lr}, rewards "
+                           f"{ {k: float(v.double().abs().max()) for k, v in rewards.items()} } at most)")
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
     L.ema_(ctx.policy.params("old"), params, cfg.gamma)
@@ -167,12 +172,15 @@ def train_step(step, cfg, ctx):
     if reset:
         L.copy_(ctx.policy.params("ref"), params)
     lap(None)
-    sums = all_sum(*(float(v.sum()) for v in rewards.values()), float(rewards["composite"].square().sum()),
+    # float64, and the spread from centred values: a statistic stays finite whenever the rewards are
+    comp64, flat = rewards["composite"].double(), (lambda R: float((R.amax(1) == R.amin(1)).sum()))
+    sums = all_sum(*(float(v.double().sum()) for v in rewards.values()), flat(rewards["composite"].view(-1, G)),
                    float(A.abs().sum()), float((A.abs() >= cfg.a_max).sum()), N, policy_loss)
     count = sums[-2]
     means = {f"reward/{k}": v / count for k, v in zip(rewards, sums)}
     comp = means["reward/composite"]
-    return dict(step=step, clip_start=s, **means, composite_std=max(sums[len(rewards)] / count - comp ** 2, 0) ** 0.5,
+    return dict(step=step, clip_start=s, **means, flat_groups=int(sums[len(rewards)]),
+                composite_std=(all_sum(float((comp64 - comp).square().sum()))[0] / count) ** 0.5,
                 adv_abs_mean=sums[len(rewards) + 1] / count, adv_clipped=sums[len(rewards) + 2] / count,
                 policy_loss=sums[-1] / ctx.world, kl=kl, masked=masked_total / count, rho=ctx.ctrl.rho,
                 tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm,
@@ -201,8 +209,9 @@ def evaluate(step, cfg, ctx):
     return scores
 
 
-def build(cfg, wan=None, reward_fn=None):
-    """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer."""
+def build(cfg, wan=None, reward_fn=None, claim=False):
+    """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer.
+    claim: first make out_dir this run's (run_dir.claim), before any model is built."""
     ctx = type("Context", (), {})()
     ctx.prompts, ctx.eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
     check_paths(cfg, generator=wan is None, rewards=reward_fn is None)
@@ -213,7 +222,8 @@ def build(cfg, wan=None, reward_fn=None):
         torch.cuda.set_device(ctx.device)
     if ctx.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
-    torch.manual_seed(cfg.seed)
+    if claim:
+        claim_on_rank0(cfg.out_dir, cfg.resume, cfg.overwrite, ctx.rank, ctx.world)
     paths = {"hpsv3": cfg.hpsv3, "hpsv3_tokenizer": cfg.hpsv3_tokenizer, "videoalign": cfg.videoalign,
              "videoalign_base": cfg.videoalign_base}
     ctx.reward_fn = reward_fn or build_reward(cfg.reward, ctx.device, {k: v for k, v in paths.items() if v})
@@ -224,6 +234,7 @@ def build(cfg, wan=None, reward_fn=None):
     offload.park(ctx.wan.text_encoder.encoder.requires_grad_(False), ctx.device)
     for model in filter(None, getattr(ctx.reward_fn, "models", [])):
         offload.park(model, ctx.device)
+    torch.manual_seed(cfg.seed)  # after loading: load_tiny seeds its fixed weights itself; the LoRA init follows --seed
     ctx.policy = Policy(cfg, ctx.wan, ctx.world)
     ctx.train_net = ClipForward(ctx.policy.model, cfg.frames_per_block)
     if ctx.world > 1 and ctx.policy.lora:
@@ -234,39 +245,23 @@ def build(cfg, wan=None, reward_fn=None):
     return ctx
 
 
-def trim_log(path, step):
-    """On resume: drop the rows past the checkpoint's step (the crashed run's steps are redone) and a torn last line."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.read().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass  # a line cut by a crash mid-write
-    if len(keep) < len(lines):
-        write_text_durably(path, "".join(line + "\n" for line in keep))
-        print(f"{path}: dropped {len(lines) - len(keep)} row(s) past step {step}")
+FLAT_STEPS = 3  # this many flat steps in a row earn a warning
 
 
 def main(argv):
     if argv[:1] == ["report"]:
-        if len(argv) > 2:
-            raise SystemExit(f"error: train.py report takes one log file, got {argv[1:]}")
         from report import report
-        return report(argv[1] if len(argv) > 1 else "out/log.jsonl")
+        return report(argv[1:])
     cfg = parse_config(argv)
     check_config(cfg)
     check_log(cfg.log)
     try:  # loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
-        ctx = build(cfg)
+        ctx = build(cfg, claim=True)
         check_frames(cfg, ctx.wan.model.max_frames)
         if ctx.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
             clean_stale(cfg.out_dir)
+            remove_stale_tmp(os.path.join(cfg.out_dir, "samples"))  # videos of a killed evaluation
         start, changes = load_checkpoint(cfg, ctx) if cfg.resume else (0, {})
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -291,8 +286,13 @@ def main(argv):
         if base["composite"].shape != (len(ctx.eval_prompts), cfg.eval_seeds):
             raise SystemExit(f"error: {base_csv} holds {tuple(base['composite'].shape)} prompts x seeds, this run "
                              f"evaluates {len(ctx.eval_prompts)} x eval_seeds={cfg.eval_seeds}: they cannot be paired")
+    flat_run = 0  # consecutive steps whose every group had equal rewards: no advantage, nothing learnt
     for step in tqdm(range(start + 1, cfg.steps + 1), desc="steps", disable=ctx.rank != 0):
         row = train_step(step, cfg, ctx)
+        flat_run = flat_run + 1 if row["flat_groups"] == ctx.world * cfg.prompts_per_rank else 0
+        if flat_run == FLAT_STEPS and ctx.rank == 0:
+            tqdm.write(f"warning: steps {step - FLAT_STEPS + 1}-{step}: every group's candidates got equal rewards "
+                       f"(--reward={cfg.reward}): zero advantages, nothing is being learnt (log: flat_groups)")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, ctx)
             row.update(E.summary(last_eval, base))
@@ -309,11 +309,10 @@ def main(argv):
         raise RuntimeError("ranks ended with different trainable weights")
     log and log.close()
     if ctx.rank == 0 and base is not None and last_eval is not None:
-        s = E.summary(last_eval, base)
-        print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), step 0 -> {cfg.steps}: "
-              + "; ".join(f"{k} {float(base[k].mean()):.4f} -> {s[f'eval/{k}']:.4f}, paired change "
-                          f"{s[f'eval/{k}_delta']:+.4f} +/- {s[f'eval/{k}_delta_se']:.4f} s.e. "
-                          f"({100 * s[f'eval/{k}_improved']:.0f}% improved)" for k in base))
+        print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), paired change step 0 -> "
+              f"{cfg.steps}:\n" + E.table({"step 0": base, f"step {cfg.steps}": last_eval}, ["step 0", f"step {cfg.steps}"]))
+    if ctx.rank == 0:
+        release(cfg.out_dir)
     if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock
         del ctx.train_net
         dist.destroy_process_group()

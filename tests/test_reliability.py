@@ -1,0 +1,227 @@
+"""An output folder owned by one run, degenerate inputs refused, finite statistics, errors before compute,
+seeds that matter: each bad input is checked to stop before any model is built or anything is written."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoints as C
+import config
+import run_dir
+import train
+
+FAST = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
+        "--eval_every=0", "--save_every=100"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Fail the test if a generator is built or a step runs: the error under test had to come first."""
+    def built(*a, **k):
+        pytest.fail("a model was built before the error")
+    monkeypatch.setattr(C, "load", built)
+    monkeypatch.setattr(C, "load_tiny", built)
+    monkeypatch.setattr(train, "train_step", built)
+
+
+def one_line_error(fn, match):
+    with pytest.raises(SystemExit, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+# ------------------------------------------------------------------ an output folder belongs to one run
+def test_fresh_run_into_an_earlier_run_stops_and_overwrite_moves_it_aside(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(FAST + ["--steps=1", f"--out_dir={out}"])
+    before = sorted(os.listdir(out))
+    assert "run.lock" not in before  # released at the end
+    log = (out / "log.jsonl").read_text()
+    with monkeypatch.context() as m:
+        m.setattr(C, "load", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+        msg = one_line_error(lambda: train.main(FAST + ["--steps=2", f"--out_dir={out}"]), "holds an earlier run")
+    assert "--resume=true" in msg and "--overwrite=true" in msg and str(out) in msg
+    assert sorted(os.listdir(out)) == before and (out / "log.jsonl").read_text() == log  # untouched
+    train.main(FAST + ["--steps=2", f"--out_dir={out}", "--overwrite=true"])
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
+    assert len(aside) == 1 and f"moved the earlier run in {out} to" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / aside[0])) == before  # the old run whole, beside the new one
+    assert (tmp_path / aside[0] / "log.jsonl").read_text() == log
+    assert [json.loads(r)["step"] for r in open(out / "log.jsonl")] == [1, 2]
+    one_line_error(lambda: train.main(FAST + ["--steps=3", f"--out_dir={out}", "--overwrite=true", "--resume=true"]),
+                   "exclude each other")
+
+
+def test_resume_into_an_empty_folder_and_unwritable_folders_fail_first(tmp_path, no_compute):
+    one_line_error(lambda: train.main(FAST + [f"--out_dir={tmp_path / 'none'}", "--resume=true"]), "holds no run")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "file").write_text("")
+    one_line_error(lambda: train.main(FAST + [f"--out_dir={tmp_path / 'file' / 'sub'}"]), "cannot be written")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # (root writes anywhere: then only the case above applies)
+            one_line_error(lambda: train.main(FAST + [f"--out_dir={ro}"]), f"out_dir='{ro}' cannot be written")
+            one_line_error(lambda: train.main(FAST + [f"--out_dir={ro / 'sub'}"]), "cannot be written")
+    finally:
+        ro.chmod(0o700)
+
+
+HOLD = """import sys, time; sys.path.insert(0, {root!r}); import run_dir
+run_dir.claim({out!r}); print("held", flush=True); time.sleep(60)"""
+
+
+def test_two_runs_on_one_folder_cannot_both_proceed_and_a_dead_holder_is_taken_over(tmp_path, capsys, no_compute):
+    out = str(tmp_path / "run")
+    other = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, out=out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        msg = one_line_error(lambda: train.main(FAST + [f"--out_dir={out}"]), "is in use by another run")
+        assert f"process {other.pid}" in msg
+    finally:
+        other.kill()  # SIGKILL: no clean-up runs, the lock file stays with a dead pid in it
+        other.wait()
+    assert open(os.path.join(out, "run.lock")).read().strip() == str(other.pid)
+    capsys.readouterr()
+    run_dir.claim(out)
+    assert f"took over the stale lock of process {other.pid}" in capsys.readouterr().out
+    assert open(os.path.join(out, "run.lock")).read().strip() == str(os.getpid())
+    run_dir.release(out)
+    assert os.listdir(out) == []
+
+
+def test_a_second_claim_in_the_same_process_is_refused_by_another_open_lock(tmp_path):
+    out = str(tmp_path / "run")
+    run_dir.claim(out)
+    try:
+        with open(os.path.join(out, "run.lock")) as f:  # another open file: flock treats it as another holder
+            import fcntl
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        run_dir.release(out)
+
+
+# ------------------------------------------------------------------ degenerate inputs, finite statistics
+def huge(frames, prompts):
+    return 1e30 * (1 + frames.flatten(1).mean(1))
+
+
+def constant(frames, prompts):
+    return torch.ones(len(frames))
+
+
+def test_statistics_stay_finite_and_flat_groups_are_counted(tmp_path, capsys):
+    out = tmp_path / "huge"
+    train.main(FAST + ["--steps=1", "--reward=test_reliability:huge:1", f"--out_dir={out}"])
+    row = json.loads(open(out / "log.jsonl").readline())
+    assert all(v == v and abs(v) != float("inf") for v in row.values() if isinstance(v, float))
+    assert 0 < row["composite_std"] < 1e30 and row["flat_groups"] == 0
+    train.main(FAST + ["--steps=3", "--reward=test_reliability:constant:1", f"--out_dir={tmp_path / 'flat'}"])
+    assert [json.loads(r)["flat_groups"] for r in open(tmp_path / "flat" / "log.jsonl")] == [1, 1, 1]
+    assert "steps 1-3: every group's candidates got equal rewards" in capsys.readouterr().out
+
+
+BAD_TRAIN = [
+    (["--reward=colorfulness:0,smoothness:0"], "has no nonzero weight"),
+    (["--lr=1e38"], r"lr=1e\+38 must be at most 1"),
+    (["--lr=0.5", "--weight_decay=3"], "weight_decay=3.0 times lr=0.5 must be below 1"),
+    (["--seed=-1"], "seed=-1 must lie in"),
+    (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD_TRAIN)
+def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, args, msg):
+    one_line_error(lambda: train.main(FAST + args + [f"--out_dir={tmp_path / 'run'}"]), msg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompts_read_as_utf8_without_bom_and_crlf(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeffa red fox\r\n\r\nsnow\r\n".encode("utf-8"))
+    assert config.read_prompts(str(f)) == ["a red fox", "snow"]
+    f.write_bytes(b"fine\nalso fine\ncaf\xe9\n")
+    one_line_error(lambda: config.read_prompts(str(f)), f"{f} line 3 is not UTF-8 text")
+
+
+# ------------------------------------------------------------------ seeds
+def test_lora_initialisation_follows_the_seed(monkeypatch):
+    def adapters(seed):
+        ctx = train.build(config.parse_config(FAST + [f"--seed={seed}"]))
+        return torch.cat([p.detach().flatten() for p in ctx.policy.params("default")])
+    a0, b0, a1 = adapters(0), adapters(0), adapters(1)
+    assert torch.equal(a0, b0) and not torch.equal(a0, a1)
+
+
+# ------------------------------------------------------------------ evaluate.py, sample.py: errors first
+def test_evaluate_checks_lora_b_and_out_dir_before_generator_a(tmp_path, no_compute):
+    import evaluate
+    not_ckpt = tmp_path / "notckpt"
+    not_ckpt.mkdir()
+    one_line_error(lambda: evaluate.main(["--lora_b", str(not_ckpt), "--out_dir", str(tmp_path / "ev")]),
+                   "is not a train.py checkpoint folder")
+    one_line_error(lambda: evaluate.main(["--model", str(not_ckpt), "--out_dir", str(tmp_path / "ev")]),
+                   "is not a diffusers Wan2.1 folder: it lacks transformer/config.json")
+    one_line_error(lambda: evaluate.main(["--height", "40", "--out_dir", str(tmp_path / "ev")]), "--height 40")
+    one_line_error(lambda: evaluate.main(["--reward", "colorfulness:0", "--out_dir", str(tmp_path / "ev")]),
+                   "no nonzero weight")
+    assert not (tmp_path / "ev").exists()
+
+
+def test_sample_checks_folders_and_size_first_and_removes_stale_tmp(tmp_path, monkeypatch, no_compute):
+    import sample
+    not_ckpt = tmp_path / "notckpt"
+    not_ckpt.mkdir()
+    out = str(tmp_path / "v.mp4")
+    one_line_error(lambda: sample.main(["--prompt", "a", "--lora", str(not_ckpt), "--out", out, "--device", "cpu"]),
+                   "is not a train.py checkpoint folder")
+    one_line_error(lambda: sample.main(["--prompt", "a", "--width", "20", "--out", out, "--device", "cpu"]),
+                   "--width 20 must be a positive multiple of 16")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-{dead.stdout.strip()}-v.mp4"
+    stale.write_bytes(b"partial")
+    mine = tmp_path / f".tmp-{os.getpid()}-w.mp4"  # a live writer's: kept
+    mine.write_bytes(b"in progress")
+    with pytest.raises(pytest.fail.Exception, match="a model was built"):  # the inputs are good: it goes on
+        sample.main(["--prompt", "a", "--out", out, "--device", "cpu"])
+    assert not stale.exists() and mine.exists()
+
+
+def test_sample_size_flags_set_the_video_size(tmp_path):
+    import imageio
+    import sample
+    out = tmp_path / "v.mp4"
+    sample.main(["--prompt", "a fox", "--frames", "3", "--height", "32", "--width", "48", "--out", str(out),
+                 "--device", "cpu"])
+    assert imageio.mimread(str(out))[0].shape == (32, 48, 3)
+
+
+# ------------------------------------------------------------------ report
+def test_report_draws_controls_beside_the_run_without_warnings(tmp_path, recwarn):
+    run, ctl = tmp_path / "run.jsonl", tmp_path / "rand" / "log.jsonl"
+    ctl.parent.mkdir()
+    for path, d in ((run, 0.1), (ctl, 0.0)):
+        path.write_text("".join(json.dumps({"step": s, "reward/composite": d * s}) + "\n" for s in range(1, 5)))
+    train.main(["report", str(run), "--control", str(ctl)])
+    assert (tmp_path / "run.png").stat().st_size > 0
+    assert not [w for w in recwarn.list if "legend" in str(w.message).lower()]
+    one_line_error(lambda: train.main(["report", str(run), "--control"]), "--control needs a log file")
+    one_line_error(lambda: train.main(["report", str(run), "--control", str(tmp_path / "none")]), "no log file")
+
+
+def test_generate_refuses_non_finite_noise_before_any_forward(wan, monkeypatch):
+    from rollout import draw_noise, generate, new_cache
+    shape = wan.latent_shape(3)
+    noise = draw_noise(0, 1, shape)
+    noise[0, 1, 0, 0, 0, 0] = float("nan")
+    monkeypatch.setattr(type(wan.model), "forward", lambda *a, **k: pytest.fail("a forward ran"))
+    with pytest.raises(ValueError, match="noise holds non-finite"):
+        generate(wan.model, None, noise, new_cache(wan.model, 1, shape, 3, 9, 3), 0, 3)
