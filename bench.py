@@ -2,7 +2,9 @@
 random weights (timing needs no trained weights), bf16.
 
     python bench.py generate        # 81 frames at 480x832 from text: eager vs compiled generator and decoder,
-                                    # kernel profiles, end to end with progressive decoding; FPS, first frame
+                                    # kernel profiles, end to end with progressive decoding; FPS, first frame;
+                                    # evaluate's path; then sample.py itself in fresh processes (bench_user.py)
+    python bench.py generate --part=breakdown|user   # only the in-process rows, or only sample.py's
     python bench.py group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
     python bench.py train [--preset=longlive] [--rows=s:G,...] [--no-flops]
                                     # one RL step at G = 24 (paper settings): time, memory per phase
@@ -27,6 +29,8 @@ from bench_distributed import bench_fsdp, bench_scale_worker, bench_scaling
 from bench_step import bench_train
 from bench_user import user_rows
 from bench_models import DEV, OUT_DIR, PROMPT, TINY, WAN_1_3B, real_wan
+
+PART = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "all")  # generate: breakdown, user
 from rollout import draw_noise, generate, group_rollout, new_cache
 
 def timed(fn, runs=3):
@@ -124,10 +128,12 @@ def bench_generate(frames=21):
     noise = draw_noise(0, 1, shape, DEV)
     gflops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, tpf)
     rows, report = [], {}
+    if PART == "user":
+        return user_rows(wan)
     kv = m.text_kv(wan.text_encoder([PROMPT]))
     cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run: its addresses key the CUDA graphs
 
-    def gen(text_kv=kv, on_block=None):
+    def gen(text_kv=kv, on_block=None, noise=noise, cache=cache):
         cache.reset()
         return generate(m, text_kv, noise, cache, 0, n, cache_last_block=False, on_block=on_block)
 
@@ -191,7 +197,7 @@ def bench_generate(frames=21):
         # 3. end to end, text encoding included: decode after generation, or progressive (as sample.py). Decoding
         # on a second CUDA stream, overlapped with the next block, was measured too (H100, 2026-11-22: 3.92 s
         # against 3.94 s): the generator keeps the GPU busy, so it does not pay and is not kept.
-        def end_to_end(progressive):
+        def end_to_end(progressive, **video):
             ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "text", "generated", "first", "end")}
             t0 = time.perf_counter()
             ev["start"].record()
@@ -203,7 +209,7 @@ def bench_generate(frames=21):
                 for part in (x0[:, :, :1], x0[:, :, 1:]) if dec.frames == 0 and progressive else (x0,):
                     out.append((dec(part) * 255).round().to(torch.uint8).cpu())  # sample.py writes each block
                     len(out) == 1 and ev["first"].record()
-            latents = gen(text_kv, on_block if progressive else None)
+            latents = gen(text_kv, on_block if progressive else None, **video)
             ev["generated"].record()
             if not progressive:
                 on_block(latents)
@@ -225,13 +231,67 @@ def bench_generate(frames=21):
                          seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1],
                          text_s=med[2], generate_s=med[3], after_s=med[4], max_abs_err=err,
                          peak_gb=torch.cuda.max_memory_allocated() / 1e9))
+            # a long video as `sample.py --frames 120 --sink 3 --window 21` makes it: from block 8 on every block
+            # attends to the full sink + window (24 cached frames), where the 81-frame video's blocks average 12
+            long_noise, long_cache = draw_noise(1, 1, wan.latent_shape(120), DEV), new_cache(m, 1, wan.latent_shape(120), 3, 21, n)
+            m.cuda_graphs(True)
+            end_to_end(True, noise=long_noise[:, :, :, :30], cache=long_cache)  # warm-up: every cache slot, captured
+            _, s, first, *_ = end_to_end(True, noise=long_noise, cache=long_cache)
+            add(dict(part="end to end", variant="progressive, all fast paths, 477 frames (--sink 3 --window 21)",
+                     seconds=s, fps_end_to_end=477 / s, first_frame_s=first))
+            rows += eval_rows(wan, frames)
     for peer in PEERS:
         add(dict(part="end to end", **peer))
-    rows += user_rows(wan)  # last: the subprocesses need the GPU memory this process's runs are done with
+    if PART == "all":
+        rows += user_rows(wan)  # last: the subprocesses need the GPU memory this process's runs are done with
     report["rows"] = rows
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "generate_profile.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
+    return rows
+
+
+def eval_rows(wan, frames, seeds=4):
+    """evaluate.py and train.py's evaluation (evaluate.score_samples, 4 seeds of one prompt in one batch) through
+    fast.compiled against the eager path: the plain generator, then with three peft LoRA adapters as training has
+    them (theta active, random nonzero weights). Agreement: max abs difference of the pixels in [0, 1]."""
+    from peft import LoraConfig
+
+    import fast
+    from evaluate import score_samples
+    from rewards import build_reward
+    m, reward = wan.model, build_reward("colorfulness:1", DEV)  # an offline reward: generation and decode are timed
+    m.cuda_graphs(False)  # evaluation makes a cache per batch: nothing to replay
+    amp, rows = lambda: torch.autocast(DEV.type, torch.bfloat16, enabled=DEV.type == "cuda"), []
+
+    def run(compiled):
+        videos = []
+        with fast.compiled(m, wan.vae) if compiled else torch.no_grad():
+            score_samples(m, wan, reward, [PROMPT], list(range(seeds)), frames, 3, 21, 3, batch=seeds, amp=amp,
+                          on_frames=lambda i, s, v: videos.append(v))
+        return videos[0]
+    for adapters in (False, True):
+        if adapters:  # as policy.Policy: r = alpha = 256 on every Linear of the blocks, three adapters, theta active
+            targets = sorted(k for k, mod in m.transformer.named_modules()
+                             if k.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
+            for name in ("default", "old", "ref"):
+                m.transformer.add_adapter(LoraConfig(r=256, lora_alpha=256, target_modules=targets), adapter_name=name)
+            for k, p in m.transformer.named_parameters():
+                if "lora_B" in k:
+                    p.data.normal_(0, 1e-3)
+            m.transformer.set_adapter("default")
+        ref, t_ref = timed(lambda: run(False), 1)
+        t0 = time.perf_counter()
+        run(True)  # compiles this batch's shapes
+        sync()
+        setup = time.perf_counter() - t0
+        out, t = timed(lambda: run(True), 1)
+        what = "evaluate.score_samples" + (", 3 LoRA adapters (train.py's evaluation)" if adapters else "")
+        px = seeds * (1 + 4 * (frames - 1))
+        rows += [dict(part="evaluate", variant=f"{what}: eager (reference)", seconds=t_ref, fps_end_to_end=px / t_ref),
+                 dict(part="evaluate", variant=f"{what}: compiled stages + decoder (fast.compiled)", seconds=t,
+                      fps_end_to_end=px / t, setup_s=setup, max_abs_err=float((out - ref).abs().max()))]
+        print(rows[-2], rows[-1], flush=True)
     return rows
 
 
@@ -272,10 +332,11 @@ def show(rows):
 if __name__ == "__main__":
     commands = {"generate": bench_generate, "group": bench_group, "train": bench_train, "scaling": bench_scaling,
                 "scale-worker": bench_scale_worker, "fsdp": bench_fsdp}
-    args = [a for a in sys.argv[1:] if a not in ("--tiny", "--no-flops") and not a.startswith(("--preset=", "--rows="))]
+    args = [a for a in sys.argv[1:] if a not in ("--tiny", "--no-flops")
+            and not a.startswith(("--preset=", "--rows=", "--part="))]
     if len(args) != 1 or args[0] not in commands:
         raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] "
-                         f"[train: --preset=self_forcing|longlive --rows=s:G,... --no-flops]")
+                         f"[generate: --part=breakdown|user] [train: --preset=self_forcing|longlive --rows=s:G,... --no-flops]")
     result = commands[args[0]]()
     if result is not None:
         device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"

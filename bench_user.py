@@ -40,8 +40,9 @@ def run(args, env):
 
 
 def user_rows(wan):
-    """One short video cold and warm, the eager path, one long video, a multi-prompt video, three videos in one
-    process: what sample.py prints, beside the whole command's wall time."""
+    """One short video on the fast path cold and warm, then on the eager path, one long video on each path, a
+    multi-prompt video, three videos in one process: what sample.py prints, beside the whole command's wall time
+    (the fast path's break-even, fast.PAYS_FROM_FRAMES, comes from these rows)."""
     out = os.path.join(OUT_DIR, "user")
     os.makedirs(out, exist_ok=True)
     model = [] if TINY else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
@@ -52,15 +53,17 @@ def user_rows(wan):
     with open(prompts, "w") as f:
         f.write(f"{PROMPT}\na drone flies over a rocky coastline\na cat sleeps on a warm windowsill\n")
     short = ["--frames", "21", "--prompt", PROMPT, "--out", os.path.join(out, "short.mp4")]
-    jobs = [("81 frames, first process (empty compile caches)", short),
-            ("81 frames, warm compile caches", short),
+    long = ["--frames", "120", "--sink", "3", "--window", "21", "--prompt", PROMPT, "--out", os.path.join(out, "long.mp4")]
+    jobs = [("81 frames, --fast 1, first process (empty compile caches)", short + ["--fast", "1"]),
+            ("81 frames, --fast 1, warm compile caches", short + ["--fast", "1"]),
             ("81 frames, --fast 0 (eager)", short + ["--fast", "0"]),
-            ("477 frames, --sink 3 --window 21", ["--frames", "120", "--sink", "3", "--window", "21", "--prompt",
-                                                   PROMPT, "--out", os.path.join(out, "long.mp4")]),
-            ("81 frames, 3 prompts, --switch 6,12", ["--frames", "21", "--prompt", f"{PROMPT}|the fox stops|the fox "
-                                                     "sleeps", "--switch", "6,12", "--out", os.path.join(out, "mp.mp4")]),
-            ("3 x 81 frames, --prompts FILE", ["--frames", "21", "--prompts", prompts, "--out",
-                                               os.path.join(out, "many")])]
+            ("477 frames, --sink 3 --window 21, --fast 1", long + ["--fast", "1"]),
+            ("477 frames, --sink 3 --window 21, --fast 0", long + ["--fast", "0"]),
+            ("81 frames, 3 prompts, --switch 6,12, --fast 1", ["--frames", "21", "--prompt", f"{PROMPT}|the fox stops|"
+                                                               "the fox sleeps", "--switch", "6,12", "--fast", "1",
+                                                               "--out", os.path.join(out, "mp.mp4")]),
+            ("3 x 81 frames, --prompts FILE, --fast 1", ["--frames", "21", "--prompts", prompts, "--fast", "1", "--out",
+                                                         os.path.join(out, "many")])]
     rows = []
     for name, args in jobs:
         wall, videos, warm = run(model + args, env)

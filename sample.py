@@ -21,6 +21,7 @@ import torch
 import checkpoints as C
 import vae as V
 from config import read_prompts
+from fast import PAYS_FROM_FRAMES, wanted
 from files import remove_stale_tmp
 from rollout import draw_noise, generate, new_cache, switch_starts
 
@@ -49,9 +50,10 @@ p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 1
 p.add_argument("--width", type=int, default=None)
 p.add_argument("--out", default=None, help="the mp4 (default video.mp4), or with --prompts a folder (default videos)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-p.add_argument("--fast", type=int, default=1,
-               help="on GPU: compiled block stages, CUDA graphs and compiled decoder (1, default) or the eager path (0); "
-                    "2 compiles on any device (no CUDA graphs off the GPU)")
+p.add_argument("--fast", type=int, default=None, choices=(0, 1, 2),
+               help="compiled block stages, CUDA graphs and compiled decoder after a warm-up (1, on a GPU) or the eager "
+                    "path (0); 2 compiles on any device (no CUDA graphs off the GPU); default: 1 on a GPU when the "
+                    f"videos hold at least {PAYS_FROM_FRAMES} latent frames in all (where the warm-up pays), else 0")
 
 
 class VideoFile:
@@ -233,7 +235,9 @@ def main(argv=None):
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video: its addresses key the graphs
-    fast = (cuda and a.fast) or a.fast == 2  # 2: the compiled path on any device (the tests' check of the warm-up)
+    fast = wanted(a.fast, a.device, a.frames * len(jobs))
+    why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
+    print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
     if fast:  # compiled block stages, CUDA graphs, compiled decoder: a dry run compiles and captures every call
         t0 = time.perf_counter()
         m.compile_blocks()

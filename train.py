@@ -7,6 +7,7 @@
 Config: config.py's dataclass; a preset first, then any field as --key=value.
 Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
 """
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluate as E
+import fast
 import loss as L
 import checkpoints as C
 import model as M
@@ -201,9 +203,10 @@ def evaluate(step, cfg, ctx):
             save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
             ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
     seeds = list(range(cfg.eval_seeds))
-    scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
-                             cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
-                             lambda: autocast(ctx.device), save, ctx.rank, ctx.world)
+    with fast.compiled(net, ctx.wan.vae) if ctx.fast_eval else contextlib.nullcontext():
+        scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
+                                 cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
+                                 lambda: autocast(ctx.device), save, ctx.rank, ctx.world)
     if ctx.rank == 0:
         E.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
     return scores
@@ -242,6 +245,11 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=cfg.weight_decay)
     ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
+    # the held-out evaluations through the compiled sampling path (fast.py) where the run's evaluations, all
+    # together, generate enough to pay for compiling; not on FSDP2-sharded weights (each forward a collective)
+    evals = (cfg.steps // cfg.eval_every + 1) if cfg.eval_every else 0
+    ctx.fast_eval = (ctx.policy.lora or ctx.world == 1) and \
+        fast.wanted(None, ctx.device, evals * len(ctx.eval_prompts) * cfg.eval_seeds * cfg.eval_frames / ctx.world)
     return ctx
 
 

@@ -1,5 +1,6 @@
 """The sampling fast path as sample.py runs it: its warm-up meets every call the video then makes (no compilation,
-recompilation or CUDA graph capture inside the timed video), and many videos per process equal one video each."""
+recompilation or CUDA graph capture inside the timed video), and many videos per process equal one video each;
+evaluate.py and train.py's evaluation through the same compiled path (fast.py) score as the eager path does."""
 import functools
 import re
 
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+import config
+import fast
 import sample
+import train
 
 
 def run_sample(args, capsys):
@@ -99,3 +103,49 @@ def test_prompts_file_flags_rejected_before_loading(tmp_path, monkeypatch, args,
     with pytest.raises(SystemExit, match=re.escape(msg)):
         sample.main(args + ["--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P"]  # nothing written
+
+
+def test_fast_path_default_hand_table():
+    k = fast.PAYS_FROM_FRAMES
+    assert [fast.wanted(None, d, f) for d, f in [("cpu", 10 * k), ("cuda", k - 1), ("cuda", k), ("cuda:1", 10 * k)]] \
+        == [False, False, True, True]
+    assert [fast.wanted(x, d, 1) for x, d in [(0, "cuda"), (1, "cuda"), (1, "cpu"), (2, "cpu")]] == [False, True, False, True]
+
+
+def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypatch):
+    """train.py's held-out evaluation on theta (peft's `default` adapter among three) through fast.compiled, traced by
+    dynamo (eager backend on the CPU: the same graphs and guards as inductor on a GPU), against the eager path; then
+    theta changes, and the compiled path must follow it (weights read live, not baked into the graphs)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    cfg = config.parse_config(["--eval_every=0", "--eval_seeds=2", "--micro_batch=2"])
+    ctx = train.build(cfg)
+    ctx.eval_prompts, ctx.log = ctx.eval_prompts[:2], None
+    gen = torch.Generator().manual_seed(21)
+    for name in ("default", "old", "ref"):  # distinct, nonzero adapters: the compiled path must run theta's
+        for p in ctx.policy.params(name):
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+    monkeypatch.setattr(train.os, "makedirs", lambda *a, **k: None)  # no samples/ folder: scores only
+    monkeypatch.setattr(train, "save_video", lambda *a, **k: None)
+    monkeypatch.setattr(train.E, "write_scores", lambda *a, **k: None)
+    stages = ctx.policy.model.stages
+
+    def scores(fast_eval):
+        ctx.fast_eval = fast_eval
+        before = sample.compilations()
+        out = train.evaluate(1, cfg, ctx)
+        return out, sample.compilations() - before
+    eager, none = scores(False)
+    compiled, traced = scores(True)
+    assert none == 0 and traced > 0 and ctx.policy.model.stages is stages  # compiled inside, restored after
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
+    old = {k: v.clone() for k, v in eager.items()}
+    for k, p in ctx.policy.named("default"):
+        if "lora_B" in k:  # B alone: negating A and B together would leave B A as it was
+            p.data.mul_(-1.0)
+    eager, _ = scores(False)
+    compiled, _ = scores(True)
+    assert not torch.equal(eager["composite"], old["composite"])
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
