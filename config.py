@@ -1,11 +1,12 @@
 """Run configuration (nanoGPT habit): a dataclass of every knob, presets for the real generators, and
 `--key=value` overrides on the command line; plus the checks that must pass before any rollout starts."""
 import dataclasses
+import importlib
 import math
 import os
 from dataclasses import dataclass
 
-from rewards import DEFAULT_OFFLINE_SPEC, parse_spec
+from rewards import DEFAULT_OFFLINE_SPEC, OFFLINE, VIDEOALIGN_AXES, parse_spec
 
 
 @dataclass
@@ -205,9 +206,36 @@ def check_config(cfg):
         raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
 
 
+def check_rewards(names, cfg):
+    """Every reward of the spec can be built (build_reward would fail only after loading the models named before
+    it): a known name, its model's path given, a module:function that imports."""
+    flags = {"hpsv3": ("hpsv3", "HPSv3.safetensors"),
+             **{k: ("videoalign", "the VideoReward folder") for k in VIDEOALIGN_AXES}}
+    for name in names:
+        if name in flags:
+            key, what = flags[name]
+            if getattr(cfg, key) is None:
+                raise SystemExit(f"error: --reward uses {name}, which needs --{key}=PATH ({what})")
+        elif name not in OFFLINE:
+            module, _, attr = name.partition(":")
+            if not attr:
+                raise SystemExit(f"error: --reward: unknown reward {name!r}: use {[*OFFLINE, *flags]} or "
+                                 f"module:function")
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise SystemExit(f"error: --reward: reward {name!r}: cannot import module {module!r} ({e})") from None
+            if not callable(getattr(mod, attr, None)):
+                raise SystemExit(f"error: --reward: reward {name!r}: module {module} has no function {attr}")
+
+
 def check_paths(cfg, generator=True, rewards=True):
-    """The files a run will load (the generator's, the rewards' the spec uses) exist, before loading any."""
+    """The files a run will load (the generator's, the rewards' the spec uses) exist, and a model folder holds what
+    diffusers reads, before loading any and before out_dir is claimed."""
     names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    check_rewards(names, cfg)
+    if generator and cfg.model is None and (cfg.checkpoint or cfg.base_lora):
+        raise SystemExit("error: checkpoint and base_lora need model=PATH, the diffusers Wan2.1 folder they build on")
     paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
     paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
                  videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
@@ -215,6 +243,12 @@ def check_paths(cfg, generator=True, rewards=True):
     for k, path in paths.items():
         if path is not None and not os.path.exists(path):
             raise SystemExit(f"error: {k}={path!r} does not exist")
+    if generator and cfg.model is not None:
+        from checkpoints import check_model_dir  # (imports diffusers: only when a folder is named)
+        try:
+            check_model_dir(cfg.model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: model={cfg.model!r}: {e}") from None
 
 
 def check_frames(cfg, max_frames):

@@ -181,8 +181,8 @@ def model_card(a, argv, cfg, step, lora, alpha, loading):
     preset = next((name for name, p in PRESETS.items() if name != "tiny" and all(p.get(k) == cfg.get(k) for k in gen)),
                   "tiny" if cfg.get("model") is None else "none (custom generator)")
     defaults = dataclasses.asdict(Config())
-    train_cmd = "python train.py " + " ".join(shlex.quote(f"--{k}={v}") for k, v in cfg.items()
-                                              if k in defaults and v != defaults[k] and k != "resume")
+    train_cmd = "python train.py " + " ".join(shlex.quote(f"--{k}={v}") for k, v in cfg.items() if k in defaults
+                                              and v != defaults[k] and k not in ("resume", "overwrite"))
     lines = [f"# {a.to} export of {a.checkpoint}", "",
              f"- policy: {a.which} ({'LoRA r=%d alpha=%s' % (cfg.get('lora_rank'), alpha) if lora else 'full fine-tuning'}), "
              f"step {step} of {cfg.get('steps')}, exported as {a.dtype}",

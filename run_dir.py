@@ -13,7 +13,7 @@ import time
 from files import pid_alive, write_text_durably
 
 LOCK = "run.lock"
-_held = {}  # absolute out_dir -> open lock file: a process claims a folder once (train.main may run again)
+_held = {}  # absolute out_dir -> (open lock file, whether the claim created the folder): a process claims a folder once
 
 
 def run_files(out_dir):
@@ -58,10 +58,13 @@ def claim(out_dir, resume=False, overwrite=False):
         release(out_dir)
     if resume and not run_files(out_dir):
         raise SystemExit(f"error: --resume=true but out_dir={out_dir!r} holds no run (no log.jsonl or checkpoint)")
+    created = not os.path.exists(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = _lock(out_dir)
     except OSError as e:
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
         raise SystemExit(f"error: out_dir={out_dir!r} cannot be written ({e.strerror or e})") from None
     found = run_files(out_dir)
     if found and not resume and not overwrite:
@@ -77,15 +80,21 @@ def claim(out_dir, resume=False, overwrite=False):
             if name != LOCK:
                 os.rename(os.path.join(out_dir, name), os.path.join(aside, name))
         print(f"--overwrite=true: moved the earlier run in {out_dir} to {aside}")
-    _held[key] = lock
+    _held[key] = (lock, created)
     atexit.register(release, out_dir)  # an error exit frees it too (a kill leaves a stale lock: taken over later)
 
 
 def release(out_dir):
-    """Give the folder up: the lock file is removed, then unlocked (a waiting claim re-checks the inode)."""
-    lock = _held.pop(os.path.abspath(out_dir), None)
+    """Give the folder up: the lock file is removed, then unlocked (a waiting claim re-checks the inode). A folder
+    this claim created that is still empty (the run stopped on an error before writing anything) is removed."""
+    lock, created = _held.pop(os.path.abspath(out_dir), (None, False))
     if lock is not None:
         _drop(out_dir, lock)
+        try:
+            if created and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+        except OSError:
+            pass  # moved, filled or removed meanwhile: leave it as it is
 
 
 def _drop(out_dir, lock):

@@ -136,11 +136,30 @@ def test_longlive_on_another_base_is_the_merged_generator(runs, wan, tmp_path):
     torch.testing.assert_close(latents(fresh, wan), latents(reference(runs["lora"]), wan), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [None, 10.0])
+def test_base_lora_alpha_scales_longlives_lora_and_defaults_to_its_rank(tmp_path, alpha):
+    """--base_lora_alpha (sample.py, evaluate.py -> checkpoints.load_transformer): W = W_base + alpha / r B A, r read
+    from the tensors (4 here), alpha = r when not given. Reference: the base's own weights and lora.pt's tensors."""
+    base = longlive_base(str(tmp_path))
+    tr = C.load_transformer(*base, lora_alpha=alpha, dtype=torch.float32)
+    want = M.load_tiny(seed=2).model.transformer  # base.pt holds these weights (longlive_base)
+    lora = torch.load(base[3], weights_only=True)["generator_lora"]
+    scale = (alpha or 4) / 4
+    for n, ours, theirs in ((0, "attn1.to_q", "self_attn.q"), (1, "attn2.to_v", "cross_attn.v"),
+                            (1, "ffn.net.0.proj", "ffn.0"), (0, "ffn.net.2", "ffn.2")):
+        A, B = (lora[f"base_model.model.blocks.{n}.{theirs}.lora_{x}.weight"] for x in "AB")
+        expect = want.get_submodule(f"blocks.{n}.{ours}").weight + scale * B @ A
+        torch.testing.assert_close(tr.get_submodule(f"blocks.{n}.{ours}").weight, expect, atol=1e-6, rtol=1e-6)
+
+
 def test_model_card_names_base_hash_rewards_steps_and_the_last_evaluation(runs, tmp_path):
     import hashlib
     import json
     base = longlive_base(str(tmp_path))
     ckpt = on_base(runs["lora"], base, tmp_path / "run" / "ckpt-000002")
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    state["config"].update(overwrite=True)  # how the run was started, not a setting of the training
+    torch.save(state, os.path.join(ckpt, "state.pt"))
     rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(runs["lora"]), "log.jsonl"))]
     with open(tmp_path / "run" / "log.jsonl", "w") as f:  # the run's log beside the checkpoint
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -151,7 +170,7 @@ def test_model_card_names_base_hash_rewards_steps_and_the_last_evaluation(runs, 
     assert "step 2 of 2" in card and f"`{config.Config().reward}`" in card
     assert f"| composite | {last['eval/composite']:.4f} | {last['eval/composite_se']:.4f} | " \
            f"{last['eval/composite_delta']:+.4f} | {last['eval/composite_delta_se']:.4f} |" in card
-    assert "--lr=0.05" in card and "--to self_forcing" in card
+    assert "--lr=0.05" in card and "--to self_forcing" in card and "--overwrite" not in card
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -135,13 +135,71 @@ BAD_TRAIN = [
     (["--lr=0.5", "--weight_decay=3"], "weight_decay=3.0 times lr=0.5 must be below 1"),
     (["--seed=-1"], "seed=-1 must lie in"),
     (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
+    (["--model={tmp}"], "model='{tmp}': {tmp} is not a diffusers Wan2.1 folder: it lacks transformer/config.json"),
+    (["--checkpoint={tmp}"], "checkpoint and base_lora need model=PATH"),
+    (["--reward=colorfulness:1,hpsv3:1"], "--reward uses hpsv3, which needs --hpsv3=PATH"),
+    (["--reward=videoalign_mq:1"], "--reward uses videoalign_mq, which needs --videoalign=PATH"),
+    (["--reward=colorfulness:1,hps:1"], "unknown reward 'hps'"),
+    (["--reward=colorfulness:1,test_reliability:nope:1"], "module test_reliability has no function nope"),
+    (["--reward=no_such_module:fn:1"], "cannot import module 'no_such_module'"),
 ]
 
 
 @pytest.mark.parametrize("args,msg", BAD_TRAIN)
 def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, args, msg):
-    one_line_error(lambda: train.main(FAST + args + [f"--out_dir={tmp_path / 'run'}"]), msg)
+    args = [a.format(tmp=tmp_path) for a in args]
+    one_line_error(lambda: train.main(FAST + args + [f"--out_dir={tmp_path / 'run'}"]), msg.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_after_the_claim_leaves_no_empty_folder(tmp_path):
+    """The RoPE bound is known once the generator is built, after out_dir was claimed (created): the process
+    stops with one line and takes the folder it created, still empty, with it."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "train.py", *FAST, "--clip_start=1023", f"--out_dir={out}"], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: clip_start/max_history_frames + clip_frames = 1026 or eval_frames = 3 is past the generator's "
+        "1024-frame RoPE table"]
+    assert not out.exists()
+    out.mkdir()  # a folder that was there before the run is left in place
+    run_dir.claim(str(out))
+    run_dir.release(str(out))
+    assert out.is_dir() and os.listdir(out) == []
+
+
+RANKS = """import os, sys; sys.path.insert(0, {root!r}); import torch.distributed as dist, run_dir
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+try:
+    run_dir.claim_on_rank0({out!r}, False, False, rank, 2)
+    print("claimed", os.getpid(), open(os.path.join({out!r}, "run.lock")).read().strip(), flush=True)
+except SystemExit as e:
+    print("refused", e, flush=True)
+dist.barrier()
+"""
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_under_torchrun_rank0_alone_claims_and_every_rank_learns_the_outcome(tmp_path, earlier):
+    import socket
+    out = tmp_path / "run"
+    if earlier:
+        out.mkdir()
+        (out / "log.jsonl").write_text('{"step": 1}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = RANKS.format(root=ROOT, port=port, out=str(out))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    lines = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], lines
+    if earlier:  # rank 0's refusal, word for word on rank 1 too
+        assert lines[0].startswith(f"refused error: out_dir='{out}' holds an earlier run (log.jsonl)")
+        assert lines[1] == lines[0] + " (rank 0)"
+    else:  # one lock, rank 0's pid in it; rank 1 reads it, it took none of its own
+        (w0, pid0, held0), (w1, _, held1) = (x.split() for x in lines)
+        assert (w0, w1) == ("claimed", "claimed") and held0 == held1 == pid0
 
 
 def test_prompts_read_as_utf8_without_bom_and_crlf(tmp_path):
@@ -193,6 +251,19 @@ def test_sample_checks_folders_and_size_first_and_removes_stale_tmp(tmp_path, mo
     with pytest.raises(pytest.fail.Exception, match="a model was built"):  # the inputs are good: it goes on
         sample.main(["--prompt", "a", "--out", out, "--device", "cpu"])
     assert not stale.exists() and mine.exists()
+
+
+def test_train_removes_the_videos_a_killed_evaluation_left_half_written(tmp_path, capsys):
+    samples = tmp_path / "run" / "samples"
+    samples.mkdir(parents=True)  # samples/ alone (killed during the step-0 evaluation) is not yet a run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = samples / f".tmp-{dead.stdout.strip()}-step00000_prompt0.mp4"
+    stale.write_bytes(b"partial")
+    live = samples / f".tmp-{os.getpid()}-step00000_prompt1.mp4"  # a live writer's: kept
+    live.write_bytes(b"in progress")
+    train.main(FAST + ["--steps=1", f"--out_dir={tmp_path / 'run'}"])
+    assert not stale.exists() and live.exists()
+    assert f"removed {stale}, left by an interrupted write" in capsys.readouterr().out
 
 
 def test_sample_size_flags_set_the_video_size(tmp_path):
