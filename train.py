@@ -102,13 +102,13 @@ def train_step(step, cfg, ctx):
     for prompt, _, _, g in groups:
         lap("decode")
         dec = V.history_decoder(ctx.wan.vae, g.history)
-        frames = None  # filled in place: a torch.cat of the micro-batches would hold the G clips' pixels twice
+        frames = None  # in (pinned) host memory, scored per micro-batch: GPU memory stays flat in G (offload.py)
         for i in range(0, G, m):
             x = dec.fork(min(m, G - i))(g.clips[i:i + m])
-            frames = x.new_empty((G, *x.shape[1:])) if frames is None else frames
-            frames[i:i + x.shape[0]] = x
+            frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
+            frames[i:i + x.shape[0]].copy_(x, non_blocking=True)
         lap("reward")
-        scores.append(ctx.reward_fn(frames, [prompt] * G))
+        scores.append(ctx.reward_fn(frames, [prompt] * G, batch=m, device=dev))
         for k, v in getattr(ctx.reward_fn, "seconds", {}).items():  # each reward's share (CompositeReward)
             reward_s[k] = reward_s.get(k, 0.0) + v
         del dec, frames  # training needs neither: G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24
