@@ -84,7 +84,7 @@ def train_step(step, cfg, ctx):
     # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3).
     # Draws are keyed by the prompt's place in the step (rank * P + j), not by rank: a step computes the same on
     # any number of ranks (test_astrolabe.py checks 2 processes against 1)
-    old, groups = ctx.policy.net("old"), []
+    old, groups = ctx.policy.rollout_net(), []
     with torch.no_grad(), autocast(dev):
         for j, prompt in enumerate(prompts):
             lap("text")
@@ -138,7 +138,7 @@ def train_step(step, cfg, ctx):
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
         x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
         with torch.no_grad(), autocast(dev):
-            net = ctx.policy.net("old")
+            net = ctx.policy.rollout_net()
             cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
             x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
             x0_ref = None
@@ -167,6 +167,7 @@ def train_step(step, cfg, ctx):
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
     L.ema_(ctx.policy.params("old"), params, cfg.gamma)
+    ctx.policy.merge_old()  # the rollouts' merged copy follows theta_old
     kl = all_sum(kl_sum)[0] / max(masked_total, 1)
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
@@ -242,7 +243,8 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=cfg.weight_decay)
     ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
-    return ctx
+    from fast_train import configure
+    return configure(ctx, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
 
 
 FLAT_STEPS = 3  # this many flat steps in a row earn a warning
