@@ -12,6 +12,8 @@ train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under aut
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
+import weakref
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -35,11 +37,24 @@ def keep_self_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Compiled stages and decoders made once and kept while switched off: a new torch.compile wrapper may recompile
+# (its backend is another object), so switching a lever back on would compile again inside a timed step
+_COMPILED = weakref.WeakKeyDictionary()
+
+
 def _stages(net, compiled):
-    if compiled and net.stages is M.BLOCK_STAGES:
-        net.compile_blocks()
-    elif not compiled:
-        net.stages = M.BLOCK_STAGES
+    if compiled and net not in _COMPILED:
+        _COMPILED[net] = net.compile_blocks().stages
+    net.stages = _COMPILED[net] if compiled else M.BLOCK_STAGES
+
+
+def _decoder(vae, compiled):
+    if compiled and vae not in _COMPILED:
+        _COMPILED[vae] = V.FAST[V.speed_up(vae)]
+    if compiled:
+        V.FAST[vae] = _COMPILED[vae]
+    elif vae in V.FAST:  # the layout and padding changes stay (the same arithmetic); the decoder runs eagerly
+        V.FAST[vae] = vae.decoder
 
 
 def configure(ctx, cfg, compile=None):
@@ -53,11 +68,7 @@ def configure(ctx, cfg, compile=None):
     pol.use_merged = cfg.merged_rollouts and pol.lora
     if pol.merge_old() is not None:
         _stages(pol.merged, compile)
-    if cfg.fast_decode and compile:
-        if V.FAST.get(vae, vae.decoder) is vae.decoder:
-            V.speed_up(vae)
-    elif vae in V.FAST:  # the layout and padding changes stay (same arithmetic); the decoder runs eagerly
-        V.FAST[vae] = vae.decoder
+    _decoder(vae, cfg.fast_decode and compile)
     model.train_attention = M.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
     _stages(model, cfg.compile_train and compile)
     model.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None

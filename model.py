@@ -150,7 +150,7 @@ class CausalWan(torch.nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
-        self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py), None: whole blocks
+        self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
         self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
         self.graphs = None  # cuda_graphs() sets a cuda_graphs.Graphs: sampling calls replay captured graphs

@@ -194,7 +194,39 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
         assert counters["stats"]["unique_graphs"] > graphs  # new shapes: compiled
         graphs = counters["stats"]["unique_graphs"]
         cfg.clip_start = 3
+        stages, decoder = ctx.policy.merged.stages, V.FAST[ctx.wan.vae]
+        fast_train.configure(ctx, cfg, compile=False)  # switched off and on again (bench.py does): the same
+        assert ctx.policy.merged.stages is M.BLOCK_STAGES and V.FAST[ctx.wan.vae] is ctx.wan.vae.decoder
+        fast_train.configure(ctx, cfg, compile=True)  # compiled objects, so nothing compiles again
+        assert ctx.policy.merged.stages is stages and V.FAST[ctx.wan.vae] is decoder
         train.train_step(3, cfg, ctx)
         assert counters["stats"]["unique_graphs"] == graphs
     for k in ("policy_loss", "grad_norm", "reward/composite"):
         assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-8), k
+
+
+def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
+    """`python bench.py train --tiny --check-scaling` with the compiled paths (dynamo's eager backend) in a fresh
+    process: the fast step's errors against the eager one stay at rounding, and the FLOPs scaled from G = 2 equal
+    those counted at G = 4, phase by phase (the rule the GPU table relies on)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import functools, runpy, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
+            "sys.argv = ['bench.py', 'train', '--tiny', '--check-scaling', '--rows=6:2,6:4']; import bench_step; "
+            "bench_step.COMPILE = True; runpy.run_path('bench.py', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    checks = out[out.index("the scaling checked"):].splitlines()[2:9]
+    assert [line.split()[2] for line in checks] == ["text", "history", "clips", "decode", "reward", "train", "optimizer"]
+    assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
+    saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
+    assert [e["variant"] for e in saved["errors"]] == ["fast", "fast, eager twin"]
+    for e in saved["errors"]:
+        assert e["loss_rel_err"] < 1e-4 and e["rewards_rel_err"] < 1e-5 and e["grad_rel_err"] < 1e-2, e
+    fast = [r for r in saved["rows"] if r["variant"] == "fast" and r["phase"] == "step" and "G=4" in r["run"]]
+    assert len(fast) == 1 and fast[0]["tflop"] > 0
