@@ -22,6 +22,7 @@ import torch.utils.flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fast_train
+import offload
 import train
 import vae as V
 from bench_models import DEV, OUT_DIR, PRESET, PROMPT, TINY, paper_config, real_rewards, real_wan
@@ -171,6 +172,8 @@ def bench_train():
           f"fast levers: {','.join(FAST)}", flush=True)
     default = {"self_forcing": "21:3,21:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
     runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4" if TINY else default)).split(",")]
+    offload.host_buffer("frames", (max(g for _, g in runs), 4 * cfg.clip_frames, 3, wan.height, wan.width),
+                        torch.float32, DEV)  # pinned before the timed steps, as train.build does for its G
     instrument(ctx)
     randomize_adapters(ctx)
     grads = {}

@@ -243,6 +243,9 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=cfg.weight_decay)
     ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
+    # the decoded clips' host buffer (train_step), pinned now: pinning 5.5 GB would take seconds of the first step
+    offload.host_buffer("frames", (cfg.group_size, 4 * cfg.clip_frames, 3, ctx.wan.height, ctx.wan.width),
+                        torch.float32, ctx.device)
     from fast_train import configure
     return configure(ctx, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
 

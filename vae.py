@@ -104,7 +104,7 @@ class Decoder:
         """A new stream for `batch` candidates that continues from this (batch-1) state. Eager: no copy (an expand).
         Compiled (speed_up): copied into the layout the decoder's own batch state has (dense channels_last_3d), as
         dynamo guards on strides: an expand (stride 0) would compile every stage once more for a fork's first chunk.
-        The copy costs no peak memory: the first chunk replaces each entry with a batch state of that size anyway."""
+        The copy adds little to the peak: the first chunk replaces each entry with a batch state of that size anyway."""
         if any(torch.is_tensor(s) and s.shape[0] != 1 for s in self.state):
             raise ValueError("only a batch-1 decoder state can be shared")
         dense = lambda s: s.contiguous(memory_format=torch.channels_last_3d) if s.ndim == 5 else s.contiguous()  # noqa

@@ -134,15 +134,17 @@ def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradien
     cache = g.clip_cache(old, kv, 0, 2)
     x_t, grads, recomputed = torch.randn(2, 16, 9, 8, 8), [], []
     net = policy.net("default")
-    for ckpt, sac in ((False, None), (True, None), (True, fast_train.keep_self_attention)):
-        net.gradient_checkpointing, net.checkpoint_policy = ckpt, sac
+    runs = ((False, None, None), (True, None, None), (True, fast_train.keep_self_attention, None),
+            (True, fast_train.keep_self_attention, M.SAMPLING_ATTENTION))  # backends chosen inside the checkpoint
+    for ckpt, sac, backends in runs:
+        net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = ckpt, sac, backends
         v = clip_velocity(net, x_t, torch.tensor([0.9, 0.6]), net.text_kv(w.text_encoder(["a cat"])), cache, 6)
         with CountAttention() as count:
             grads.append(torch.autograd.grad(v.square().mean(), policy.params("default")))
         recomputed.append(count.calls)
-    net.gradient_checkpointing, net.checkpoint_policy = False, None
+    net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = False, None, None
     calls = 3 * 2  # 3 blocks of the clip x 2 layers: attention forwards the backward runs again
-    assert recomputed == [0, 2 * calls, calls]  # none; self- and cross-attention; cross-attention only
+    assert recomputed == [0, 2 * calls, calls, calls]  # none; self- and cross-attention; cross-attention only
     for other in grads[1:]:
         for a, b in zip(other, grads[0]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
