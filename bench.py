@@ -6,8 +6,9 @@ random weights (timing needs no trained weights), bf16.
                                     # evaluate's path; then sample.py itself in fresh processes (bench_user.py)
     python bench.py generate --part=breakdown|user   # only the in-process rows, or only sample.py's
     python bench.py group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
-    python bench.py train [--preset=longlive] [--rows=s:G,...] [--no-flops]
-                                    # one RL step at G = 24 (paper settings): time, memory per phase
+    python bench.py train [--preset=longlive] [--rows=s:G,...] [--levers=a,b,...] [--no-flops]
+                                    # one RL step at G = 24 (paper settings): eager vs fast (errors), counted
+                                    # FLOPs, time and memory per phase
     python bench.py scaling         # torchrun on 1, 2, 4 GPUs: candidates per second
     torchrun --nproc_per_node 2 bench.py fsdp   # FSDP2 whole-model vs per-block units; 14B LoRA / full
     python bench.py generate --tiny # any of them on the tiny model (a CPU smoke test)
@@ -332,11 +333,12 @@ def show(rows):
 if __name__ == "__main__":
     commands = {"generate": bench_generate, "group": bench_group, "train": bench_train, "scaling": bench_scaling,
                 "scale-worker": bench_scale_worker, "fsdp": bench_fsdp}
-    args = [a for a in sys.argv[1:] if a not in ("--tiny", "--no-flops")
-            and not a.startswith(("--preset=", "--rows=", "--part="))]
+    flags, options = ("--tiny", "--no-flops", "--check-scaling"), ("--preset=", "--rows=", "--levers=", "--part=")
+    args = [a for a in sys.argv[1:] if a not in flags and not a.startswith(options)]
     if len(args) != 1 or args[0] not in commands:
-        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] "
-                         f"[generate: --part=breakdown|user] [train: --preset=self_forcing|longlive --rows=s:G,... --no-flops]")
+        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|user] "
+                         f"[train: --preset=self_forcing|longlive --rows=s:G,... --levers=a,b,... --no-flops "
+                         f"--check-scaling]")
     result = commands[args[0]]()
     if result is not None:
         device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"

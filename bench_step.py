@@ -1,44 +1,64 @@
-"""bench.py train: one RL step at the paper's scale (G = 24, clip 12, LoRA 256, the real reward models), its time,
-FLOPs and peak memory per phase (train.Laps), one table row per run and phase."""
+"""bench.py train: one RL step at the paper's scale (G = 24, clip 12, LoRA 256, the real reward models): the eager step
+against the fast one (fast_train.py), FLOPs counted per phase, time, achieved TFLOP/s and peak memory per phase.
+
+For the first run (s, g) of --rows, at the same seed and inputs (weights, optimizer, controller and RNG restored in
+between; LoRA adapters random and nonzero, theta_old != theta):
+  1. eager    every lever off: the reference (loss, LoRA gradients, per-sample rewards kept)
+  2. fast     the levers of --levers, compiled: its first step compiles (warm-up); errors against 1 printed
+  3. fast     the same again, warm: the timed row at g
+  4. counted  the fast step's math without compiling (the compiled code does the same FLOPs; dynamo does not run
+              compiled code under a dispatch mode), under FlopCount: FLOPs per phase; errors against 1 printed
+Each later run: the fast step, timed, its FLOPs scaled from 4 (phase by phase, the rule printed).
+"""
 import contextlib
+import copy
 import json
 import os
 import sys
 import time
 
 import torch
+import torch.utils.flop_counter as fc
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fast_train
+import offload
 import train
+import vae as V
 from bench_models import DEV, OUT_DIR, PRESET, PROMPT, TINY, paper_config, real_rewards, real_wan
+from policy import Policy
 
-
-ROWS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--rows=")), None)  # "s:G,s:G": train's runs
+ARGS = dict(a.split("=", 1) for a in sys.argv if a.startswith("--") and "=" in a)
+ROWS = ARGS.get("--rows")  # "s:G,s:G": train's runs
 COUNT_FLOPS = "--no-flops" not in sys.argv
+CHECK_SCALING = "--check-scaling" in sys.argv  # count each later run's eager twin too, against the scaled FLOPs
+LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention", "compile_train")
+FAST = ARGS.get("--levers", "merged_rollouts,fast_decode,train_attention,checkpoint_attention").split(",")
+COMPILE = DEV.type == "cuda"  # the compiled paths (fast_train.configure)
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
 CEILING = 805e12  # bf16 dense matmul FLOP/s (README, Performance)
 
 
-FLOPS = {}  # FLOPs of the running step by phase (train.Laps boundaries) and by reward, when counted
+class FlopCount(TorchDispatchMode):
+    """FlopCounterMode's formulas (torch.utils.flop_counter.flop_registry: matmuls, convolutions, attention, forward
+    and backward) without its module tracker, whose hooks keep the activations gradient checkpointing frees (the
+    step ran out of memory under FlopCounterMode). Ops outside the registry count nothing (norms, elementwise)."""
 
+    def __init__(self):
+        super().__init__()
+        self.total = 0
 
-def counted(name, fn):
-    """fn, with the FLOPs it runs added to FLOPS["reward/" + name] (under the bench's FlopCounterMode)."""
-    def run(frames, prompts):
-        before = COUNTER.get_total_flops() if COUNTER else 0
-        out = fn(frames, prompts)
-        if COUNTER:
-            FLOPS[f"reward/{name}"] = FLOPS.get(f"reward/{name}", 0) + COUNTER.get_total_flops() - before
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = fc.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
         return out
-    return run
-
-
-COUNTER = None  # the FlopCounterMode of the running step
 
 
 def _gqa_sdpa_flops():
     """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
     K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
-    import torch.utils.flop_counter as fc
     plain = fc.sdpa_flop_count
 
     def grouped(query_shape, key_shape, value_shape):
@@ -48,17 +68,96 @@ def _gqa_sdpa_flops():
 
 
 _gqa_sdpa_flops()
+COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
+
+
+def _mark(name, begin):
+    """FLOPS[name] += the FLOPs between a begin mark and the next end mark (under the counter)."""
+    if COUNTER is None:
+        return
+    if begin:
+        FLOPS["_" + name] = COUNTER.total
+    elif "_" + name in FLOPS:
+        FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.pop("_" + name)
+
+
+def counted(name, fn):
+    """fn, with the FLOPs it runs added to FLOPS["reward/" + name]."""
+    def run(*a, **k):
+        _mark(f"reward/{name}", True)
+        out = fn(*a, **k)
+        _mark(f"reward/{name}", False)
+        return out
+    return run
+
+
+def instrument(ctx):
+    """Phase FLOPs at train.Laps' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
+    (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
+    def lap_hook(name):
+        if COUNTER is not None:
+            FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
+            FLOPS["_seen"] = COUNTER.total
+    ctx.lap_hook = lap_hook
+    warm = V.history_decoder
+    V.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]
+    net = ctx.policy.net
+
+    def policy_net(name):  # train_step asks for "ref", runs its forward, then asks for "default"
+        if name == "ref":
+            CALLS["ref"] = CALLS.get("ref", 0) + 1
+        if name in ("ref", "default"):
+            _mark("train/ref", name == "ref")
+        return net(name)
+    ctx.policy.net = policy_net
+
+
+def randomize_adapters(ctx, seed=0, std=1e-3):
+    """Nonzero LoRA B (zero at initialisation: the adapters would be the base), different for theta, theta_old and
+    theta_ref: about 1% of a base weight's spread (std 1e-3 x sqrt(r) x A's), above bf16's resolution."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in Policy.NAMES:
+            for k, p in ctx.policy.named(name):
+                if "lora_B" in k:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def snapshot(ctx):
+    return dict(params={n: [p.detach().cpu().clone() for p in ctx.policy.params(n)] for n in Policy.NAMES},
+                opt=copy.deepcopy(ctx.opt.state_dict()), ctrl=copy.deepcopy(ctx.ctrl.state_dict()),
+                rng=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if DEV.type == "cuda" else None)
+
+
+def restore(ctx, s):
+    with torch.no_grad():
+        for n in Policy.NAMES:
+            for p, q in zip(ctx.policy.params(n), s["params"][n]):
+                p.copy_(q)
+    ctx.opt.load_state_dict(copy.deepcopy(s["opt"]))
+    ctx.ctrl.load_state_dict(copy.deepcopy(s["ctrl"]))
+    torch.set_rng_state(s["rng"])
+    s["cuda"] is not None and torch.cuda.set_rng_state_all(s["cuda"])
+    ctx.policy.merge_old()
+
+
+def levers(cfg, on):
+    for k in LEVERS:
+        setattr(cfg, k, k in on)
+    return cfg
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def bench_train():
-    """RL steps at the paper's settings (G = 24, micro-batch 3, LoRA 256, clip 12), parked umT5 and reward models:
-    each phase's seconds, FLOPs (FlopCounterMode on the real code path, in the timed step itself), achieved
-    TFLOP/s against the 805 TFLOP/s bf16 ceiling and peak memory; runs (history s, G) from --rows or the
-    preset's default. The first run also warms up: its times are marked, its memory is as any other's."""
-    global COUNTER
-    from torch.utils.flop_counter import FlopCounterMode
+    """The runs of --rows (default: the preset's), see the module's docstring."""
     t_start = time.perf_counter()
-    cfg = paper_config()
+    unknown = set(FAST) - set(LEVERS)
+    if unknown or {"compile_train", "checkpoint_attention"} <= set(FAST):
+        raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {FAST}")
+    cfg = levers(paper_config(), ())
     wan, (rewards, counts) = real_wan(), real_rewards(counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
     probe = torch.rand(1, 8, 3, wan.height, wan.width, generator=torch.Generator().manual_seed(0)).to(DEV)
@@ -66,61 +165,143 @@ def bench_train():
     ctx = train.build(cfg, wan, rewards)
     text_err = float((wan.text_encoder([PROMPT]) - text_ref).abs().max())
     score_err = max(abs(float(v - score_ref[k])) for k, v in rewards(probe, [PROMPT]).items())
-    parked = sum(p.numel() * p.element_size() for mdl in dict.fromkeys([wan.text_encoder.encoder, *rewards.models[:2]])
-                 if getattr(mdl, "parked_for", None) is not None for p in mdl.parameters())
     import resource  # peak resident host memory: pinned blocks are rounded up to powers of two by the host allocator
-    print(f"built in {time.perf_counter() - t_start:.0f}s; parked in pinned CPU memory: {parked / 1e9:.1f} GB "
-          f"(host peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB); "
-          f"parked vs resident outputs: umT5 max |diff| {text_err:.3g}, rewards max |diff| {score_err:.3g}", flush=True)
-    default = {"self_forcing": "21:3,21:24,0:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
-    runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4,0:4" if TINY else default)).split(",")]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"built in {time.perf_counter() - t_start:.0f}s (host peak RSS {rss:.1f} GB); parked vs resident outputs: "
+          f"umT5 max |diff| {text_err:.3g}, rewards max |diff| {score_err:.3g}; "
+          f"fast levers: {','.join(FAST)}", flush=True)
+    default = {"self_forcing": "21:3,21:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
+    runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4" if TINY else default)).split(",")]
+    offload.host_buffer("frames", (max(g for _, g in runs), 4 * cfg.clip_frames, 3, wan.height, wan.width),
+                        torch.float32, DEV)  # pinned before the timed steps, as train.build does for its G
+    instrument(ctx)
+    randomize_adapters(ctx)
+    grads = {}
 
-    def lap_hook(name):
-        if COUNTER is None:  # --no-flops
-            return
-        total = COUNTER.get_total_flops()
-        FLOPS[name] = FLOPS.get(name, 0) + total - FLOPS.get("_seen", 0)
-        FLOPS["_seen"] = total
-    ctx.lap_hook = lap_hook
-    rows, last, last_g = [], None, None
-    for step, (s, g) in enumerate(runs, 1):
-        if last:  # estimate: the previous run's G-independent parts as they were, the rest scaled by G
-            fixed = sum(last.get(f"time/{k}", 0) for k in ("text", "history", "transfer"))
-            estimate = fixed + (last["step_time"] - fixed) * g / last_g
+    def keep_grads(opt, args, kwargs):  # theta's LoRA gradients as AdamW gets them (on the host: 1.4 GB in fp32)
+        if grads.get("on"):
+            grads["last"] = torch.cat([p.grad.detach().float().flatten().cpu() for g in opt.param_groups
+                                       for p in g["params"]])
+    ctx.opt.register_step_pre_hook(keep_grads)
+    rows, errors, peak, counted_at, last, checks = [], [], {}, None, None, []
+
+    def step(i, s, g, on, compile, count=False, capture=False, label=""):
+        global COUNTER
+        cfg.clip_start, cfg.group_size = s, g
+        fast_train.configure(ctx, levers(cfg, on), compile=compile)
+        FLOPS.clear(), CALLS.clear()
+        grads["on"], COUNTER = capture, FlopCount() if count else None
+        t0 = time.perf_counter()
+        with COUNTER or contextlib.nullcontext():
+            r = train.train_step(i, cfg, ctx)
+        COUNTER = None
+        if capture:  # clip_grad_norm_ scaled the gradients in place: back to their norm
+            r["grads"] = grads.pop("last") * max(1.0, (r["grad_norm"] + 1e-6) / cfg.grad_clip)
+            r["rewards"], r["adv"] = ctx.spread["reward/composite"].cpu(), ctx.spread["advantage"].cpu()
+        print(f"{label}, history {s}, G {g}: {r['step_time']:.1f}s ({time.perf_counter() - t0:.1f}s with the bench's "
+              f"hooks), peak {r['peak_mem_gb']:.1f} GB, loss {r['policy_loss']:.6g}, grad norm {r['grad_norm']:.6g}, "
+              f"reference forwards {CALLS.get('ref', 0)}", flush=True)
+        return r, dict(FLOPS), dict(CALLS)
+
+    def compare(r, ref, variant):
+        errors.append(dict(run=f"s={r['clip_start']}", variant=variant,
+                           loss_rel_err=abs(r["policy_loss"] - ref["policy_loss"]) / abs(ref["policy_loss"]),
+                           grad_rel_err=rel(r["grads"], ref["grads"]), rewards_rel_err=rel(r["rewards"], ref["rewards"]),
+                           advantages_rel_err=rel(r["adv"], ref["adv"]), masked=r["masked"], masked_eager=ref["masked"]))
+        print(errors[-1], flush=True)
+
+    def timed(i, s, g, label):  # a fast step's rows, printed and saved as soon as measured
+        nonlocal rows, last
+        r, _, calls = step(i, s, g, FAST, COMPILE, label=label)
+        new = phase_rows(r, s, g, "fast", scaled(counted_at, s, g, calls))
+        __import__("bench").show(new)
+        rows, last, peak[g] = rows + new, (r, g), r["peak_mem_gb"]
+        os.makedirs(OUT_DIR, exist_ok=True)
+        with open(os.path.join(OUT_DIR, f"train_{PRESET}_partial.json"), "w") as f:  # kept if a later run is cut off
+            json.dump(dict(text_tokens=counts, rows=rows, errors=errors), f, indent=1)
+
+    # the first run's (s, g): the comparisons and the count, at the same seed and inputs (restored between the steps)
+    (s0, g0), state = runs[0], snapshot(ctx)
+    ref, _, _ = step(1, s0, g0, (), False, capture=True, label="eager reference (first step: warm-up)")
+    rows += phase_rows(ref, s0, g0, "eager, every lever off (warm-up)")
+    restore(ctx, state)
+    compare(step(1, s0, g0, FAST, COMPILE, capture=True, label="fast (compiles: warm-up)")[0], ref, "fast")
+    if COUNT_FLOPS:
+        restore(ctx, state)
+        r, flops, calls = step(1, s0, g0, FAST, False, count=True, capture=True, label="fast, eager twin, counted")
+        compare(r, ref, "fast, eager twin")
+        counted_at = (s0, g0, flops, calls)
+    restore(ctx, state)
+    del state, ref
+    # the later runs first (the first of them always runs), the first run's warm fast step last, each if time allows
+    for k, (s, g) in enumerate(runs[1:] + runs[:1], 2):
+        if last is not None:
+            fixed = sum(last[0].get(f"time/{x}", 0) for x in ("text", "history", "transfer"))  # the same at any G
+            estimate = fixed + (last[0]["step_time"] - fixed) * g / last[1]
             if time.perf_counter() - t_start + estimate > BUDGET_S:
                 print(f"skipped history {s}, G {g}: about {estimate:.0f}s more would pass the {BUDGET_S:.0f}s budget "
                       f"(BENCH_BUDGET_S); run it alone with --rows={s}:{g}", flush=True)
                 continue
-        cfg.clip_start, cfg.group_size = s, g
-        FLOPS.clear()
-        COUNTER = FlopCounterMode(display=False) if COUNT_FLOPS else None
-        with COUNTER or contextlib.nullcontext():
-            r = train.train_step(step, cfg, ctx)
-        COUNTER = None
-        last, last_g = r, g
-        print(f"history {s}, G {g}: {r['step_time']:.1f}s, peak {r['peak_mem_gb']:.1f} GB, transfers "
-              f"{r['transfer_gb']:.1f} GB in {r['time/transfer']:.2f}s", flush=True)
-        rows += phase_rows(r, s, g, warmup=step == 1)
-        os.makedirs(OUT_DIR, exist_ok=True)
-        with open(os.path.join(OUT_DIR, f"train_{PRESET}_partial.json"), "w") as f:  # kept if a later run is cut off
-            json.dump(dict(text_tokens=counts, rows=rows), f, indent=1)
+        timed(k if k <= len(runs) else 1, s, g, "fast" if k <= len(runs) else "fast, warm (the first run again)")
+        if CHECK_SCALING and counted_at and k <= len(runs):
+            _, flops, _ = step(k, s, g, FAST, False, count=True, label="fast, eager twin, counted (scaling check)")
+            checks += check_scaling(counted_at, s, g, flops)
+    print("\nthe fast step against the eager one (same seed, inputs and weights; relative errors). The rollouts' "
+          "rounding reaches the rewards, and the advantages divide by the step's reward spread (Eq. 4), so the "
+          "gradient error follows the advantages' where the rewards are close:")
+    __import__("bench").show(errors)
+    if len(peak) > 1 and min(peak.values()) > 0:
+        print(f"peak memory of the fast step by G: {peak} GB (max / min {max(peak.values()) / min(peak.values()):.3f})")
+    print(SCALING)
+    if checks:
+        print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
+        __import__("bench").show(checks)
     return rows
 
 
-def phase_rows(r, s, g, warmup):
+SCALING = ("FLOPs: counted (FlopCount) on the fast step's eager twin at the first run's G = g0 and s; a run at G: text, "
+           "history, optimizer x 1; clips, reward x G/g0; decode: the history warm-up x 1, the rest x G/g0; train: all "
+           "but theta_ref's forwards x G/g0, plus each reference forward the run made at the counted cost of one "
+           "(runs at another s: no FLOPs)")
+
+
+def scaled(counted_at, s, g, calls):
+    """FLOPs by phase of a run at (s, g) from the counted run (SCALING says how)."""
+    if counted_at is None or counted_at[0] != s:
+        return {}
+    _, g0, f, c = counted_at
+    x = g / g0
+    out = {k: f.get(k, 0) for k in ("text", "history", "optimizer")}
+    out.update({k: v * x for k, v in f.items() if k.startswith("reward")})
+    out["clips"] = f.get("clips", 0) * x
+    warm = f.get("decode/warm-up", 0)
+    out["decode"] = warm + (f.get("decode", 0) - warm) * x
+    ref = f.get("train/ref", 0)
+    per_ref = ref / c["ref"] if c.get("ref") else 0.0  # (none counted: the run's reference forwards count nothing)
+    out["train"] = (f.get("train", 0) - ref) * x + per_ref * calls.get("ref", 0)
+    return out
+
+
+def check_scaling(counted_at, s, g, flops):
+    """Rows: each phase's FLOPs counted at (s, g) against scaled from counted_at (theta_ref's forwards left out of
+    both: how many run depends on the mask, the scaling counts them one by one)."""
+    want, out = scaled(counted_at, s, g, {}), []
+    for ph in ("text", "history", "clips", "decode", "reward", "train", "optimizer"):
+        got = flops.get(ph, 0) - (flops.get("train/ref", 0) if ph == "train" else 0)
+        out.append(dict(run=f"s={s} G={g}", phase=ph, counted_tflop=got / 1e12, scaled_tflop=want.get(ph, 0) / 1e12,
+                        rel_diff=abs(got - want.get(ph, 0)) / max(got, 1)))
+    return out
+
+
+def phase_rows(r, s, g, variant, flops=None):
     """One table row per phase of a step result r (train_step's dict), then the step's total."""
-    run = f"{PRESET} s={s} G={g}" + (" (warm-up)" if warmup else "")
-    phases = [k[5:] for k in r if k.startswith("time/")]
-    out = []
-    for ph in phases:
-        secs, flops = r[f"time/{ph}"], FLOPS.get(ph)
-        out.append(dict(run=run, phase=ph, seconds=secs, share=secs / r["step_time"],
-                        tflop=flops / 1e12 if flops is not None else "",
-                        tflops=flops / secs / 1e12 if flops and secs else "",
-                        ceiling=flops / secs / CEILING if flops and secs else "",
-                        peak_gb=r.get(f"peak_gb/{ph}", ""), moved_gb=r["transfer_gb"] if ph == "transfer" else ""))
-    total = sum(v for k, v in FLOPS.items() if not k.startswith(("reward/", "_")))
-    out.append(dict(run=run, phase="step", seconds=r["step_time"], share=1.0,
-                    tflop=total / 1e12 if COUNT_FLOPS else "", tflops=total / r["step_time"] / 1e12 if COUNT_FLOPS else "",
-                    ceiling=total / r["step_time"] / CEILING if COUNT_FLOPS else "", peak_gb=r["peak_mem_gb"], moved_gb=""))
+    flops, out = flops or {}, []
+    for ph in [k[5:] for k in r if k.startswith("time/")] + ["step"]:
+        secs = r["step_time"] if ph == "step" else r[f"time/{ph}"]
+        fl = sum(v for k, v in flops.items() if "/" not in k) if ph == "step" and flops else flops.get(ph)
+        out.append(dict(run=f"{PRESET} s={s} G={g}", variant=variant, phase=ph, seconds=secs,
+                        share=secs / r["step_time"], tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl else "",
+                        ceiling=fl / secs / CEILING if fl else "",
+                        peak_gb=r["peak_mem_gb"] if ph == "step" else r.get(f"peak_gb/{ph}", ""),
+                        moved_gb=r["transfer_gb"] if ph == "transfer" else ""))
     return out

@@ -53,6 +53,13 @@ class Config:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    # the training step's fast paths (fast_train.py), each switchable so bench.py train can measure its gain;
+    # the GPU-only ones do nothing on the CPU, where the tests run the eager reference path
+    merged_rollouts: bool = True  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
+    fast_decode: bool = True      # the compiled decoder (CUDA)
+    train_attention: bool = True  # cuDNN-first attention under autograd too (CUDA)
+    compile_train: bool = False   # compiled block stages for theta's forward and backward (CUDA)
+    checkpoint_attention: bool = True  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
     steps: int = 100
     seed: int = 0
     # output
@@ -96,7 +103,8 @@ PRESETS = {
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 # fields that may differ from the checkpoint's on --resume (applied, and said so); any other difference is refused
 RESUME_MAY_CHANGE = ("steps", "lr", "weight_decay", "grad_clip", "gradient_checkpointing", "log_every", "eval_every",
-                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log")
+                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log", "merged_rollouts",
+                     "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
 RESUME_IGNORED = ("out_dir", "resume", "overwrite")
 
 
@@ -198,6 +206,11 @@ def check_config(cfg):
         raise SystemExit(f"error: group_size={cfg.group_size}: advantages need at least 2 candidates per prompt")
     if cfg.micro_batch < 1:
         raise SystemExit(f"error: micro_batch={cfg.micro_batch} must be at least 1")
+    # selective checkpointing intercepts every op with a dispatch mode, under which compiled code does not run
+    # compiled (pytorch/pytorch#161889; older versions recompile at every call): the two levers exclude each other
+    need(not (cfg.compile_train and cfg.gradient_checkpointing and cfg.checkpoint_attention), "compile_train",
+         "with gradient_checkpointing needs --checkpoint_attention=false (compiled stages do not run compiled "
+         "under selective checkpointing)")
     try:
         parse_spec(cfg.reward)
     except ValueError as e:

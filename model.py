@@ -4,12 +4,13 @@ position they were generated at), self-attention over a sink + window cache (kv_
 K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding and the
 `tiny` configuration the tests and the CPU demo run on. Checkpoint formats and loading: checkpoints.py."""
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -108,23 +109,33 @@ class CausalBlock(WanTransformerBlock):
         c = self.attn2
         return c.norm_k(c.to_k(ctx)).unflatten(2, (c.heads, -1)), c.to_v(ctx).unflatten(2, (c.heads, -1))
 
-    def causal_forward(self, x, e, freqs, text_kv, cache, i, pos, store, recompute, stages=BLOCK_STAGES):
+    def causal_forward(self, x, e, freqs, text_kv, cache, i, pos, store, recompute, stages=BLOCK_STAGES,
+                       backends=None):
         """One layer: self-attention over the cache and this call's tokens, cross-attention, feed-forward.
-        recompute: gradient checkpointing; inside the FSDP2 call, so the recompute finds the weights gathered."""
+        recompute: gradient checkpointing, True (the whole block is recomputed in the backward) or a selective
+        checkpointing policy (torch.utils.checkpoint's: which ops' outputs are kept); inside the FSDP2 call, so the
+        recompute finds the weights gathered. backends: SDPA backends in priority order (None: PyTorch's choice)."""
+        args = (x, e, freqs, text_kv, cache, i, pos, store, stages, backends)
         if recompute:
-            return checkpoint(self._causal, x, e, freqs, text_kv, cache, i, pos, store, stages, use_reentrant=False)
-        return self._causal(x, e, freqs, text_kv, cache, i, pos, store, stages)
+            sac = {} if recompute is True else \
+                {"context_fn": functools.partial(create_selective_checkpoint_contexts, recompute)}
+            return checkpoint(self._causal, *args, use_reentrant=False, **sac)
+        return self._causal(*args)
 
-    def _causal(self, x, e, freqs, text_kv, cache, i, pos, store, stages):
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)
-        # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
-        q, k, v = stages[0](self, x, shift, scale, freqs)
-        if cache is not None:
-            k, v = cache.attend(i, k, v, store, pos)
-        # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
-        x, q = stages[1](self, x, attend(q, k, v), gate)
-        # 3. feed-forward
-        return stages[2](self, x, attend(q, *text_kv), c_shift, c_scale, c_gate)
+    def _causal(self, x, e, freqs, text_kv, cache, i, pos, store, stages, backends):
+        # the backend choice lives inside the checkpointed function: the backward's recompute must pick the same
+        # kernel as the forward (a checkpoint refuses recomputed tensors of other shapes, and cuDNN's backward
+        # needs cuDNN's saved statistics)
+        with sdpa_kernel(backends, set_priority=True) if backends else contextlib.nullcontext():
+            shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)
+            # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
+            q, k, v = stages[0](self, x, shift, scale, freqs)
+            if cache is not None:
+                k, v = cache.attend(i, k, v, store, pos)
+            # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
+            x, q = stages[1](self, x, attend(q, k, v), gate)
+            # 3. feed-forward
+            return stages[2](self, x, attend(q, *text_kv), c_shift, c_scale, c_gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +150,8 @@ class CausalWan(torch.nn.Module):
         self.patch = tuple(cfg.patch_size)
         self.max_frames = cfg.rope_max_seq_len
         self.gradient_checkpointing = False
+        self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
+        self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
         self.graphs = None  # cuda_graphs() sets a cuda_graphs.Graphs: sampling calls replay captured graphs
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
@@ -226,13 +239,14 @@ class CausalWan(torch.nn.Module):
         temb = ce.time_embedder(sinusoid(t, tr.config.freq_dim).to(ce.time_embedder.linear_1.weight.dtype)).to(x.dtype)
         e = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
         z = tr.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and grad and (self.checkpoint_policy or True)
         # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
-        # (bench.py generate); the others remain fallbacks. Training keeps PyTorch's default choice.
-        with contextlib.nullcontext() if torch.is_grad_enabled() else sdpa_kernel(SAMPLING_ATTENTION, set_priority=True):
-            for i, blk in enumerate(tr.blocks):
-                kv = (text_kv[2 * i].expand(B, -1, -1, -1), text_kv[2 * i + 1].expand(B, -1, -1, -1))
-                z = blk.causal_forward(z, e, (cos, sin), kv, cache, i, pos, store, recompute, self.stages)
+        # (bench.py generate); the others remain fallbacks. Under autograd: train_attention (None: PyTorch's choice)
+        backends = self.train_attention if grad else SAMPLING_ATTENTION
+        for i, blk in enumerate(tr.blocks):
+            kv = (text_kv[2 * i].expand(B, -1, -1, -1), text_kv[2 * i + 1].expand(B, -1, -1, -1))
+            z = blk.causal_forward(z, e, (cos, sin), kv, cache, i, pos, store, recompute, self.stages, backends)
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
         z = z.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)

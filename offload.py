@@ -54,3 +54,23 @@ def resident(module):
     finally:
         for t, p in zip(tensors, pinned):
             t.data = p
+
+
+_HOST = {}  # name -> the host buffer host_buffer hands out (grown, never shrunk)
+
+
+def host_buffer(name, shape, dtype, device):
+    """A host tensor for results that wait between phases of a step (the decoded clips wait for the rewards): with
+    a CUDA `device`, one pinned buffer per name, reused every step (pinning 5.5 GB takes seconds; copies from and
+    to pinned memory run asynchronously at the link's speed); otherwise a fresh tensor. Its contents are the
+    caller's to fill."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if torch.device(device).type != "cuda":
+        return torch.empty(shape, dtype=dtype)
+    buf = _HOST.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        _HOST.pop(name, None)  # free the old one first
+        buf = _HOST[name] = torch.empty(numel, dtype=dtype, pin_memory=True)
+    return buf[:numel].view(shape)

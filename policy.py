@@ -20,6 +20,7 @@ import loss as L
 from config import resume_changes
 from files import read_safetensors, read_torch, replace_durably, write_text_durably
 from checkpoints import check_finite
+from model import CausalWan
 from rollout import clip_velocity
 
 CKPT = re.compile(r"ckpt-\d{6}")  # the folders save_checkpoint writes; `latest` must name one of them
@@ -54,6 +55,32 @@ class Policy:
         for name in ("old", "ref"):
             L.copy_(self.params(name), self.params("default"))
         self.net("default")
+        self.merged, self.use_merged = None, False  # theta_old folded into a plain copy (merge_old)
+
+    def rollout_net(self):
+        """The CausalWan for theta_old's no-grad work (history, clip rollouts, clip-cache recompute, x0_old;
+        Algorithm 1's rollout policy): the merged copy when in use, else the `old` adapter."""
+        return self.merged if self.use_merged and self.merged is not None else self.net("old")
+
+    @torch.no_grad()
+    def merge_old(self):
+        """Fold theta_old's LoRA into a plain copy of the base (made on first use): W + (alpha / r) B A per adapted
+        Linear, summed in fp32 and rounded once to the base's dtype. The rollouts then run a plain transformer,
+        no peft in the loop, compiled like sampling's (fast_train.py). Called whenever theta_old changes: after its
+        EMA (train.train_step), after loading a checkpoint and when switched on; a no-op unless use_merged."""
+        if not (self.lora and self.use_merged):
+            return None
+        tr = self.model.transformer
+        if self.merged is None:
+            self.merged = CausalWan(plain_copy(tr)).to(tr.device).eval().requires_grad_(False)
+        plain = self.merged.transformer
+        for name, mod in tr.named_modules():
+            if hasattr(mod, "lora_A") and "old" in mod.lora_A:
+                if getattr(mod, "fan_in_fan_out", False) or getattr(mod, "use_dora", {}).get("old", False):
+                    raise ValueError(f"{name}: only plain LoRA on nn.Linear can be merged")
+                delta = mod.lora_B["old"].weight.float() @ mod.lora_A["old"].weight.float() * mod.scaling["old"]
+                plain.get_submodule(name).weight.copy_(mod.base_layer.weight.float() + delta)
+        return self.merged
 
     def named(self, name):
         """(checkpoint key, tensor) of one policy, in a fixed order shared by the three."""
@@ -76,6 +103,27 @@ class Policy:
                 for p in self.params(n):
                     p.requires_grad_(n == "default")
         return self.nets[name]
+
+
+def plain_copy(tr):
+    """A copy of peft-adapted `tr` (a diffusers model) without peft's layers: the base weights (each LoRA layer's
+    base_layer) and buffers, cloned with their dtypes and devices; made on the meta device, so nothing is
+    initialised only to be overwritten."""
+    with torch.device("meta"):
+        plain = type(tr).from_config(tr.config)
+    src = {k.replace(".base_layer.", "."): v for k, v in [*tr.named_parameters(), *tr.named_buffers()]
+           if ".lora_" not in k}
+    for k, _ in [*plain.named_parameters(), *plain.named_buffers()]:
+        path, _, attr = k.rpartition(".")
+        mod = plain.get_submodule(path)
+        t = src.pop(k).detach().clone()
+        if attr in mod._parameters:
+            mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[attr] = t
+    if src:
+        raise ValueError(f"the adapted model holds tensors its plain copy lacks: {sorted(src)[:5]}")
+    return plain
 
 
 def shard(net, per_block=True, master_fp32=True):
@@ -210,4 +258,5 @@ def load_checkpoint(cfg, ctx):
         group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
     ctx.ctrl.load_state_dict(state["controller"])
     torch.set_rng_state(state["rng"])
+    ctx.policy.merge_old()  # the copy follows the loaded theta_old: a resumed run equals an unbroken one
     return state["step"], changes

@@ -73,34 +73,54 @@ class CompositeReward:
         self.models = models or [None] * len(fns)
         self.seconds = {}
 
-    def __call__(self, frames, prompts):
+    def __call__(self, frames, prompts, batch=None, device=None):
+        """batch: score `batch` clips at a time, each moved to `device` (default: where frames are) just before it
+        is scored, so the frames may wait in host memory and the GPU holds one batch of them: train.py decodes a
+        step's G clips into pinned host memory and scores them per micro-batch, so memory stays flat in G. Every
+        reward is per clip, so the scores equal those of one call on all frames, up to the rounding of batched
+        kernels (tested); each model is still moved to the GPU once per call."""
         if not torch.is_tensor(frames) or frames.ndim != 5 or frames.shape[2] != 3 or not frames.is_floating_point():
             raise ValueError(f"frames must be a float [B, F, 3, H, W] tensor, got "
                              f"{getattr(frames, 'shape', type(frames))} {getattr(frames, 'dtype', '')}")
-        lo, hi = (frames.min().item(), frames.max().item()) if frames.numel() else (0, 0)
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"frames must lie in [0, 1], got min {lo:.4g} max {hi:.4g}")
         if not isinstance(prompts, (list, tuple)) or len(prompts) != len(frames) or \
                 not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"need a list of {len(frames)} prompt strings (one per clip), got {prompts!r:.200}")
-        out = {}
+        b, device = batch or max(len(frames), 1), device or frames.device
+        parts, checked = {}, False
         for model in dict.fromkeys(self.models):  # each model once, in order of first use
             with resident(model):
-                for name, fn, m in zip(self.names, self.fns, self.models):
-                    if m is not model:
-                        continue
-                    t0 = time.perf_counter()
-                    try:
-                        r = torch.as_tensor(fn(frames, prompts)).detach().to("cpu", torch.float32)  # waits for the GPU
-                    except Exception as e:  # a failing reward stops the step; it never turns into a constant
-                        raise RuntimeError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
-                    self.seconds[name] = time.perf_counter() - t0
-                    if r.shape != (len(frames),):
-                        raise ValueError(f"reward {name!r} must return {len(frames)} floats, got {r.tolist()}")
-                    out[name] = _finite(name, r, prompts)
-        out = {name: out[name] for name in self.names}
+                for i in range(0, len(frames), b):
+                    x = frames[i:i + b].to(device, non_blocking=True)
+                    if not checked:  # the range, batch by batch on the device (a host-side pass over GBs is slow)
+                        lo, hi = (float(v) for v in torch.stack(x.aminmax())) if x.numel() else (0, 0)
+                        if not 0 <= lo <= hi <= 1:
+                            raise ValueError(f"frames must lie in [0, 1], got min {lo:.4g} max {hi:.4g}")
+                    for name, fn, m in zip(self.names, self.fns, self.models):
+                        if m is model:
+                            parts.setdefault(name, []).append(self._score(name, fn, x, list(prompts[i:i + b])))
+                checked = True
+        out = {}
+        for name in self.names:
+            done = parts.get(name, [])
+            self.seconds[name] = sum(t for _, t in done)
+            r = torch.cat([r for r, _ in done]) if done else torch.zeros(0)
+            if r.shape != (len(frames),):
+                raise ValueError(f"reward {name!r} must return {len(frames)} floats, got {r.tolist()}")
+            out[name] = _finite(name, r, prompts)
         out["composite"] = _finite("composite", sum(w * out[n] for n, w in zip(self.names, self.weights)), prompts)
         return out
+
+    @staticmethod
+    def _score(name, fn, frames, prompts):
+        """(scores [B] float32 on the CPU, seconds) of one reward on one batch."""
+        t0 = time.perf_counter()
+        try:
+            r = torch.as_tensor(fn(frames, prompts)).detach().to("cpu", torch.float32)  # waits for the GPU
+        except Exception as e:  # a failing reward stops the step; it never turns into a constant
+            raise RuntimeError(f"reward {name!r} failed: {type(e).__name__}: {e}") from e
+        if r.shape != (len(frames),):
+            raise ValueError(f"reward {name!r} must return {len(frames)} floats, got {r.tolist()}")
+        return r, time.perf_counter() - t0
 
 
 def _finite(name, r, prompts):

@@ -86,7 +86,7 @@ def train_step(step, cfg, ctx):
     # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3).
     # Draws are keyed by the prompt's place in the step (rank * P + j), not by rank: a step computes the same on
     # any number of ranks (test_astrolabe.py checks 2 processes against 1)
-    old, groups = ctx.policy.net("old"), []
+    old, groups = ctx.policy.rollout_net(), []
     with torch.no_grad(), autocast(dev):
         for j, prompt in enumerate(prompts):
             lap("text")
@@ -104,13 +104,13 @@ def train_step(step, cfg, ctx):
     for prompt, _, _, g in groups:
         lap("decode")
         dec = V.history_decoder(ctx.wan.vae, g.history)
-        frames = None  # filled in place: a torch.cat of the micro-batches would hold the G clips' pixels twice
+        frames = None  # in (pinned) host memory, scored per micro-batch: GPU memory stays flat in G (offload.py)
         for i in range(0, G, m):
             x = dec.fork(min(m, G - i))(g.clips[i:i + m])
-            frames = x.new_empty((G, *x.shape[1:])) if frames is None else frames
-            frames[i:i + x.shape[0]] = x
+            frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
+            frames[i:i + x.shape[0]].copy_(x, non_blocking=True)
         lap("reward")
-        scores.append(ctx.reward_fn(frames, [prompt] * G))
+        scores.append(ctx.reward_fn(frames, [prompt] * G, batch=m, device=dev))
         for k, v in getattr(ctx.reward_fn, "seconds", {}).items():  # each reward's share (CompositeReward)
             reward_s[k] = reward_s.get(k, 0.0) + v
         del dec, frames  # training needs neither: G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24
@@ -140,7 +140,7 @@ def train_step(step, cfg, ctx):
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
         x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
         with torch.no_grad(), autocast(dev):
-            net = ctx.policy.net("old")
+            net = ctx.policy.rollout_net()
             cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
             x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
             x0_ref = None
@@ -169,6 +169,7 @@ def train_step(step, cfg, ctx):
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
     L.ema_(ctx.policy.params("old"), params, cfg.gamma)
+    ctx.policy.merge_old()  # the rollouts' merged copy follows theta_old
     kl = all_sum(kl_sum)[0] / max(masked_total, 1)
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
@@ -245,12 +246,16 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                 weight_decay=cfg.weight_decay)
     ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
+    # the decoded clips' host buffer (train_step), pinned now: pinning 5.5 GB would take seconds of the first step
+    offload.host_buffer("frames", (cfg.group_size, 4 * cfg.clip_frames, 3, ctx.wan.height, ctx.wan.width),
+                        torch.float32, ctx.device)
     # the held-out evaluations through the compiled sampling path (fast.py) where the run's evaluations, all
     # together, generate enough to pay for compiling; not on FSDP2-sharded weights (each forward a collective)
     evals = (cfg.steps // cfg.eval_every + 1) if cfg.eval_every else 0
     ctx.fast_eval = (ctx.policy.lora or ctx.world == 1) and \
         fast.wanted(None, ctx.device, evals * len(ctx.eval_prompts) * cfg.eval_seeds * cfg.eval_frames / ctx.world)
-    return ctx
+    from fast_train import configure
+    return configure(ctx, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
 
 
 FLAT_STEPS = 3  # this many flat steps in a row earn a warning

@@ -103,10 +103,16 @@ class Decoder:
         return ((video + 1) / 2).permute(0, 2, 1, 3, 4)
 
     def fork(self, batch):
-        """A new stream for `batch` candidates that continues from this (batch-1) state; no copy."""
+        """A new stream for `batch` candidates that continues from this (batch-1) state. Eager: no copy (an expand).
+        Compiled (speed_up): copied into the layout the decoder's own batch state has (dense channels_last_3d), as
+        dynamo guards on strides: an expand (stride 0) would compile every stage once more for a fork's first chunk.
+        The copy adds little to the peak: the first chunk replaces each entry with a batch state of that size anyway."""
         if any(torch.is_tensor(s) and s.shape[0] != 1 for s in self.state):
             raise ValueError("only a batch-1 decoder state can be shared")
+        dense = lambda s: s.contiguous(memory_format=torch.channels_last_3d) if s.ndim == 5 else s.contiguous()  # noqa
         state = [s.expand(batch, *s.shape[1:]) if torch.is_tensor(s) else s for s in self.state]
+        if self.vae in FAST:
+            state = [dense(s) if torch.is_tensor(s) else s for s in state]
         return Decoder(self.vae, self.chunk, state, self.frames)
 
 

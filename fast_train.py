@@ -1,0 +1,75 @@
+"""The training step's fast paths (README, Performance: "One RL step at the paper's scale"). Each is a Config field,
+so that bench.py train can switch it off and on and compare the step with the eager one in the same run. Those that
+compile or choose CUDA kernels act on CUDA only: the CPU tests run the eager reference path (a test passes
+compile=True with torch.compile's eager backend, which traces and guards as on the GPU).
+
+merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the history, the G candidates of Eq. 3, the
+                      clip-cache recompute and x0_old of Eq. 1) on a plain copy of the base with theta_old's LoRA
+                      folded in (policy.Policy.merge_old), with compiled block stages as sampling runs them. LoRA
+                      only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
+fast_decode           the compiled decoder (vae.speed_up) for the group's forked batch (vae.Decoder.fork)
+train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
+compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
+checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
+"""
+import weakref
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+import model as M
+import vae as V
+
+_aten = torch.ops.aten
+SDPA_OPS = {_aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+            _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def keep_self_attention(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing's policy: a checkpointed block keeps its self-attention output and
+    recomputes the rest in the backward. Self-attention over the cache (24 frames of keys for a 3-frame block at the
+    paper's window) is ~70% of a block's FLOPs: recomputing it cost ~4 of the ~25 forward-equivalents a candidate
+    takes in training. The rest (projections, norms, RoPE, the cross-attention over 512 text tokens) is cheap to
+    redo; self-attention is the call with at least as many keys as queries, so cross-attention (fewer keys) is
+    recomputed, which halves what is kept: 43 MB a block call for 3 candidates at 480x832 in bf16."""
+    if op in SDPA_OPS and args[1].shape[-2] >= args[0].shape[-2]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Compiled stages and decoders made once and kept while switched off: a new torch.compile wrapper may recompile
+# (its backend is another object), so switching a lever back on would compile again inside a timed step
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _stages(net, compiled):
+    if compiled and net not in _COMPILED:
+        _COMPILED[net] = net.compile_blocks().stages
+    net.stages = _COMPILED[net] if compiled else M.BLOCK_STAGES
+
+
+def _decoder(vae, compiled):
+    if compiled and vae not in _COMPILED:
+        _COMPILED[vae] = V.FAST[V.speed_up(vae)]
+    if compiled:
+        V.FAST[vae] = _COMPILED[vae]
+    elif vae in V.FAST:  # the layout and padding changes stay (the same arithmetic); the decoder runs eagerly
+        V.FAST[vae] = vae.decoder
+
+
+def configure(ctx, cfg, compile=None):
+    """Switch the fast paths of a train.build context to cfg's fields (again at any time: bench.py does, per step).
+    compile: use torch.compile (default: on CUDA)."""
+    cuda = ctx.device.type == "cuda"
+    compile = cuda if compile is None else compile
+    if compile:  # below the default limit of 8, dynamo would fall back to eager without a word (vae.speed_up)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    pol, model, vae = ctx.policy, ctx.policy.model, ctx.wan.vae
+    pol.use_merged = cfg.merged_rollouts and pol.lora
+    if pol.merge_old() is not None:
+        _stages(pol.merged, compile)
+    _decoder(vae, cfg.fast_decode and compile)
+    model.train_attention = M.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
+    _stages(model, cfg.compile_train and compile)
+    model.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None
+    return ctx

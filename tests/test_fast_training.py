@@ -1,0 +1,234 @@
+"""The training step's fast paths (fast_train.py) against the eager reference path, on the CPU: rewards scored per
+micro-batch, theta_old's merged copy, selective activation checkpointing, the forked decoder's layout, and the
+compiled paths traced by dynamo's eager backend (the same tracing, guards and recompilations as on the GPU)."""
+import contextlib
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import config
+import fast_train
+import model as M
+import rewards
+import train
+import vae as V
+from policy import Policy
+from reward_models import HPSv3, VideoAlign
+from rollout import clip_velocity, draw_noise, group_rollout
+from test_astrolabe import NORM, PIXELS, hps_head, make_tokenizer, randomize, tiny_config, video
+
+LORA = ["--lora_rank=4", "--lora_alpha=8"]  # scale alpha / r = 2: a wrong scale in the merge shows
+FAST = ["--prompts_per_rank=1", "--group_size=4", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
+        "--clip_start=3", "--eval_every=0", "--gamma=0.9", "--lr=1e-3"]
+
+
+def random_adapters(policy, seed):
+    """Nonzero, different LoRA weights in all three adapters (B starts at zero: the merge would be the base)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in Policy.NAMES:
+            for p in policy.params(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+# ------------------------------------------------------------------ rewards per micro-batch
+def test_rewards_per_micro_batch_equal_the_whole_group(monkeypatch):
+    """The scores of clips scored `batch` at a time equal one call on all of them: HPSv3 (its 16-frame chunks straddle
+    clips: 5 frames a clip), VideoAlign's two axes (4-clip chunks) and the offline rewards, each clip with its own
+    prompt (a batch given another batch's prompts, or reordered, would differ). Each model is still resident once."""
+    tok = make_tokenizer()
+    hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
+    va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)
+    names = ["hpsv3", "va_mq", "va_ta", "colorfulness", "prompt_color"]
+    fns = [hps.score, functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False),
+           rewards.colorfulness, rewards.prompt_color]
+    reward = rewards.CompositeReward(names, [1.0, 0.5, 2.0, 1.0, 3.0], fns, [hps, va, va, None, None])
+    frames = video(7, 5, 64, 96, seed=3) ** torch.linspace(0.4, 2.5, 7)[:, None, None, None, None]
+    prompts = ["a red fox", "a blue whale", "green hills", "a white cat", "a red car", "black night", "a fox"]
+    whole = reward(frames, prompts)
+    resident = []
+    real = rewards.resident
+    monkeypatch.setattr(rewards, "resident", lambda m: (resident.append(m), real(m))[1])
+    for batch in (1, 3):
+        resident.clear()
+        parts = reward(frames, prompts, batch=batch, device="cpu")
+        assert resident == [hps, va, None]
+        for k in whole:
+            torch.testing.assert_close(parts[k], whole[k], atol=1e-5, rtol=1e-5, msg=f"{k}, batch {batch}")
+    assert whole["composite"].std() > 1e-2  # the clips score differently: a shuffle would show
+    with pytest.raises(ValueError, match="must lie in"):
+        reward(frames * 1.5, prompts, batch=3)
+
+
+# ------------------------------------------------------------------ theta_old merged
+def velocities(net, wan, seed):
+    """A rollout (history + 2 candidates) and the training forward of theta_old on fresh random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    kv = net.text_kv(wan.text_encoder(["a kite over the sea"]))
+    grp = group_rollout(net, kv, draw_noise(seed, 1, (16, 3, 8, 8)), draw_noise(seed + 1, 2, (16, 6, 8, 8)), 3, 9)
+    cache = grp.clip_cache(net, kv, 0, 2)
+    x_t = torch.randn((2, 16, 6, 8, 8), generator=g)
+    v = clip_velocity(net, x_t, torch.rand(2, generator=g) * 0.9 + 0.05, kv, cache, 3)
+    return torch.cat([k for k, _ in kv]), grp.clips, v
+
+
+@torch.no_grad()
+def test_merged_copy_computes_theta_old(wan):
+    w = copy.deepcopy(wan)
+    policy = Policy(config.parse_config(LORA), w, 1)
+    random_adapters(policy, 0)
+    policy.use_merged = True
+    merged = policy.merge_old()
+    assert not any(hasattr(m, "lora_A") for m in merged.modules()), "the copy must hold no peft layers"
+    assert merged.transformer is not w.model.transformer
+    for seed in (10, 20):
+        want = velocities(policy.net("old"), w, seed)
+        for a, b in zip(velocities(merged, w, seed), want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    other = velocities(policy.net("default"), w, 10)  # the control: another adapter is far away
+    assert (other[2] - want[2]).abs().max() > 1e-2
+    assert policy.rollout_net() is merged
+    policy.use_merged = False
+    assert policy.rollout_net() is w.model  # the `old` adapter, switched on
+
+
+def test_merged_copy_follows_the_ema_after_a_train_step(wan):
+    cfg = config.parse_config(FAST + LORA)
+    ctx = train.build(cfg, wan=copy.deepcopy(wan))
+    random_adapters(ctx.policy, 1)
+    ctx.policy.merge_old()
+    before = [p.clone() for p in ctx.policy.merged.parameters()]
+    train.train_step(1, cfg, ctx)
+    after = list(ctx.policy.merged.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the EMA moved theta_old, and the copy with it
+    with torch.no_grad():
+        for a, b in zip(velocities(ctx.policy.merged, ctx.wan, 30), velocities(ctx.policy.net("old"), ctx.wan, 30)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ selective activation checkpointing
+class CountAttention(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in fast_train.SDPA_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradients(wan):
+    """Gradients with no checkpointing, whole-block recompute and the selective policy agree to rounding; the
+    backward recomputes both attention forwards of every block call without the policy, only the cross-attention
+    with it (the self-attention output is kept)."""
+    w = copy.deepcopy(wan)
+    policy = Policy(config.parse_config(LORA), w, 1)
+    random_adapters(policy, 2)
+    old = policy.rollout_net()
+    kv = old.text_kv(w.text_encoder(["a cat"]))
+    g = group_rollout(old, kv, draw_noise(1, 1, (16, 6, 8, 8)), draw_noise(2, 2, (16, 9, 8, 8)), 3, 9)
+    cache = g.clip_cache(old, kv, 0, 2)
+    x_t, grads, recomputed = torch.randn(2, 16, 9, 8, 8), [], []
+    net = policy.net("default")
+    runs = ((False, None, None), (True, None, None), (True, fast_train.keep_self_attention, None),
+            (True, fast_train.keep_self_attention, M.SAMPLING_ATTENTION))  # backends chosen inside the checkpoint
+    for ckpt, sac, backends in runs:
+        net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = ckpt, sac, backends
+        v = clip_velocity(net, x_t, torch.tensor([0.9, 0.6]), net.text_kv(w.text_encoder(["a cat"])), cache, 6)
+        with CountAttention() as count:
+            grads.append(torch.autograd.grad(v.square().mean(), policy.params("default")))
+        recomputed.append(count.calls)
+    net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = False, None, None
+    calls = 3 * 2  # 3 blocks of the clip x 2 layers: attention forwards the backward runs again
+    assert recomputed == [0, 2 * calls, calls, calls]  # none; self- and cross-attention; cross-attention only
+    for other in grads[1:]:
+        for a, b in zip(other, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ decoder fork and the compiled paths
+def test_forked_decoder_state_has_the_layout_of_its_own_batch_state(wan):
+    vae = copy.deepcopy(wan.vae)
+    V.speed_up(vae, compile=False)
+    dec = V.history_decoder(vae, torch.randn(1, 16, 9, 8, 8))
+    fork = dec.fork(3)
+    forked = [(s.shape, s.stride()) for s in fork.state if torch.is_tensor(s)]
+    fork(torch.randn(3, 16, 3, 8, 8))
+    assert forked == [(s.shape, s.stride()) for s in fork.state if torch.is_tensor(s)]
+    expanded = V.Decoder(vae, state=[s.expand(3, *s.shape[1:]) if torch.is_tensor(s) else s for s in dec.state])
+    assert forked != [(s.shape, s.stride()) for s in expanded.state if torch.is_tensor(s)]  # the control
+
+
+@contextlib.contextmanager
+def eager_compile(monkeypatch):
+    """torch.compile with dynamo's eager backend; hitting the recompile limit (fast_train.configure raises it to
+    64) fails instead of silently running eagerly."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch._dynamo.reset()
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
+    """train_step with every fast path compiled (dynamo's eager backend) equals the eager step from the same state;
+    a second step (another history: other decoder chunks) compiles nothing new, and nothing hits the recompile
+    limit (dynamo would then run eagerly without a word)."""
+    cfg = config.parse_config(FAST + LORA + ["--compile_train=true", "--gradient_checkpointing=true",
+                                             "--checkpoint_attention=false"])
+    rows = []
+    with eager_compile(monkeypatch) as counters:
+        for compile in (False, True):
+            ctx = fast_train.configure(train.build(cfg, wan=copy.deepcopy(wan)), cfg, compile=compile)
+            random_adapters(ctx.policy, 3)
+            ctx.policy.merge_old()
+            assert (ctx.policy.merged.stages is M.BLOCK_STAGES) != compile
+            rows.append(train.train_step(1, cfg, ctx))
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        cfg.clip_start = 0  # a fresh decoder stream for the clip, no history
+        train.train_step(2, cfg, ctx)
+        assert counters["stats"]["unique_graphs"] > graphs  # new shapes: compiled
+        graphs = counters["stats"]["unique_graphs"]
+        cfg.clip_start = 3
+        stages, decoder = ctx.policy.merged.stages, V.FAST[ctx.wan.vae]
+        fast_train.configure(ctx, cfg, compile=False)  # switched off and on again (bench.py does): the same
+        assert ctx.policy.merged.stages is M.BLOCK_STAGES and V.FAST[ctx.wan.vae] is ctx.wan.vae.decoder
+        fast_train.configure(ctx, cfg, compile=True)  # compiled objects, so nothing compiles again
+        assert ctx.policy.merged.stages is stages and V.FAST[ctx.wan.vae] is decoder
+        train.train_step(3, cfg, ctx)
+        assert counters["stats"]["unique_graphs"] == graphs
+    for k in ("policy_loss", "grad_norm", "reward/composite"):
+        assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-8), k
+
+
+def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
+    """`python bench.py train --tiny --check-scaling` with the compiled paths (dynamo's eager backend) in a fresh
+    process: the fast step's errors against the eager one stay at rounding, and the FLOPs scaled from G = 2 equal
+    those counted at G = 4, phase by phase (the rule the GPU table relies on)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import functools, runpy, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
+            "sys.argv = ['bench.py', 'train', '--tiny', '--check-scaling', '--rows=6:2,6:4']; import bench_step; "
+            "bench_step.COMPILE = True; runpy.run_path('bench.py', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    checks = out[out.index("the scaling checked"):].splitlines()[2:9]
+    assert [line.split()[2] for line in checks] == ["text", "history", "clips", "decode", "reward", "train", "optimizer"]
+    assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
+    saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
+    assert [e["variant"] for e in saved["errors"]] == ["fast", "fast, eager twin"]
+    for e in saved["errors"]:
+        assert e["loss_rel_err"] < 1e-4 and e["rewards_rel_err"] < 1e-5 and e["grad_rel_err"] < 1e-2, e
+    fast = [r for r in saved["rows"] if r["variant"] == "fast" and r["phase"] == "step" and "G=4" in r["run"]]
+    assert len(fast) == 1 and fast[0]["tflop"] > 0
