@@ -132,7 +132,7 @@ def bench_generate(frames=21):
     if PART == "user":
         return user_rows(wan)
     kv = m.text_kv(wan.text_encoder([PROMPT]))
-    cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run: its addresses key the CUDA graphs
+    cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run, as sample.py keeps one
 
     def gen(text_kv=kv, on_block=None, noise=noise, cache=cache):
         cache.reset()
@@ -142,29 +142,23 @@ def bench_generate(frames=21):
         rows.append(row)
         print({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-    # 1. generator: eager (cuDNN attention) as the reference; CUDA graphs, compiled block stages, both
+    # 1. generator: eager (cuDNN attention) as the reference; compiled block stages
     from torch._dynamo.utils import counters
     ref = None
     with torch.no_grad():
-        for name, compiled, graphs in [("eager, cuDNN attention (reference)", False, False),
-                                       ("eager + CUDA graphs", False, True),
-                                       ("compiled block stages", True, False),
-                                       ("compiled block stages + CUDA graphs (sample.py default on GPU)", True, True)]:
-            if DEV.type != "cuda" and graphs:
-                continue
+        for name, compiled in [("eager, cuDNN attention (reference)", False),
+                               ("compiled block stages (sample.py's fast path)", True)]:
             t0 = time.perf_counter()
             if compiled and m.stages is M.BLOCK_STAGES:
                 m.compile_blocks()
-            m.cuda_graphs(graphs)
-            latents = gen()  # compiles and captures; timed() warms up once more
+            latents = gen()  # compiles; timed() warms up once more
             sync()
             setup_s = time.perf_counter() - t0
             latents, t = timed(gen, 3)
             ref = latents if ref is None else ref
             add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12,
-                     rel_err=rel_err(latents, ref), setup_s=setup_s, graphs=len(m.graphs or ()),
-                     compiled_graphs=counters["stats"]["unique_graphs"]))
-        print("profile: one generation, compiled stages + CUDA graphs", flush=True)
+                     rel_err=rel_err(latents, ref), setup_s=setup_s, compiled_graphs=counters["stats"]["unique_graphs"]))
+        print("profile: one generation, compiled stages", flush=True)
         report["profile_generator"] = profile(gen)
 
         # 2. decoder: diffusers' one-shot decode (reference), streaming, the layout and padding levers, compiled
@@ -222,23 +216,20 @@ def bench_generate(frames=21):
                 ms("text", "generated"), ms("generated", "end")
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            for progressive, graphs in ((False, True), (True, True), (True, False)):
-                m.cuda_graphs(graphs)
+            for progressive in (False, True):
                 runs = [end_to_end(progressive) for _ in range(4)][1:]
                 med = [statistics.median(r[i] for r in runs) for i in range(1, 6)]
                 err = float((runs[-1][0].to(DEV).float() / 255 - pixels).abs().max())
-                add(dict(part="end to end", variant=("progressive" if progressive else "decode after") +
-                         (", all fast paths" if graphs else ", no CUDA graphs"),
+                add(dict(part="end to end", variant=("progressive" if progressive else "decode after") + ", fast path",
                          seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1],
                          text_s=med[2], generate_s=med[3], after_s=med[4], max_abs_err=err,
                          peak_gb=torch.cuda.max_memory_allocated() / 1e9))
             # a long video as `sample.py --frames 120 --sink 3 --window 21` makes it: from block 8 on every block
             # attends to the full sink + window (24 cached frames), where the 81-frame video's blocks average 12
             long_noise, long_cache = draw_noise(1, 1, wan.latent_shape(120), DEV), new_cache(m, 1, wan.latent_shape(120), 3, 21, n)
-            m.cuda_graphs(True)
-            end_to_end(True, noise=long_noise[:, :, :, :30], cache=long_cache)  # warm-up: every cache slot, captured
+            end_to_end(True, noise=long_noise[:, :, :, :30], cache=long_cache)  # warm-up: every cache slot
             _, s, first, *_ = end_to_end(True, noise=long_noise, cache=long_cache)
-            add(dict(part="end to end", variant="progressive, all fast paths, 477 frames (--sink 3 --window 21)",
+            add(dict(part="end to end", variant="progressive, fast path, 477 frames (--sink 3 --window 21)",
                      seconds=s, fps_end_to_end=477 / s, first_frame_s=first))
             rows += eval_rows(wan, frames)
     for peer in PEERS:
@@ -262,7 +253,6 @@ def eval_rows(wan, frames, seeds=4):
     from evaluate import score_samples
     from rewards import build_reward
     m, reward = wan.model, build_reward("colorfulness:1", DEV)  # an offline reward: generation and decode are timed
-    m.cuda_graphs(False)  # evaluation makes a cache per batch: nothing to replay
     amp, rows = lambda: torch.autocast(DEV.type, torch.bfloat16, enabled=DEV.type == "cuda"), []
 
     def run(compiled):

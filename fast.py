@@ -1,7 +1,7 @@
 """The fast sampling path, opt-in, applied to the model and the decoder from outside (README, Performance):
-compiled block stages (CausalWan.compile_blocks), the compiled decoder (vae.speed_up) and, in sample.py, CUDA
-graphs (CausalWan.cuda_graphs). The eager path stays the reference: the CPU tests run it, and bench.py prints
-each fast path's agreement with it.
+compiled block stages (CausalWan.compile_blocks) and the compiled decoder (vae.speed_up). The eager path stays
+the reference: the CPU tests run it, and bench.py prints each fast path's agreement with it. (CUDA graphs of the
+generator's calls were measured too and removed: no gain end to end on an H200, README.)
 
 Compiling costs seconds once per process (more with empty inductor caches), and pays back per frame generated;
 `wanted` makes that trade by measurement: the fast path is the default only where the work is long enough.
@@ -20,7 +20,7 @@ PAYS_FROM_FRAMES = 300
 
 def wanted(fast, device, latent_frames):
     """Whether to take the fast path: fast = 0 (eager), 1 (fast on a GPU), 2 (fast on any device: the tests' check
-    of the compiled path, no CUDA graphs off the GPU), None (fast on a GPU once the process will generate at least
+    of the compiled path), None (fast on a GPU once the process will generate at least
     PAYS_FROM_FRAMES latent frames, all videos together)."""
     if fast is None:
         return torch.device(device).type == "cuda" and latent_frames >= PAYS_FROM_FRAMES

@@ -149,11 +149,6 @@ class KVCache:
         forked.sinks = self.sinks
         return forked
 
-    def tensors(self):
-        """Every buffer a block call may read or write (own K/V, shared prefix): what a CUDA graph of the call
-        holds by address (cuda_graphs.py)."""
-        return self.k + self.v + (self.prefix[0] + self.prefix[1] if self.prefix is not None else [])
-
     def detach_(self):
         self.k, self.v = [k.detach() for k in self.k], [v.detach() for v in self.v]
         if self.prefix is not None:

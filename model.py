@@ -15,7 +15,6 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from cuda_graphs import Graphs
 from offload import resident
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +152,6 @@ class CausalWan(torch.nn.Module):
         self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
         self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
-        self.graphs = None  # cuda_graphs() sets a cuda_graphs.Graphs: sampling calls replay captured graphs
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -192,13 +190,6 @@ class CausalWan(torch.nn.Module):
         self.stages = tuple(torch.compile(f, dynamic=False, mode=mode) for f in BLOCK_STAGES)
         return self
 
-    def cuda_graphs(self, on=True):
-        """The fast sampling path's second half: every no-grad call that writes a cache (the rollout's) is captured
-        once per cache slot and replayed (cuda_graphs.py: the CPU no longer issues each kernel). Reuse one cache
-        (KVCache.reset) across videos so that its addresses, and the graphs, stay the same."""
-        self.graphs = Graphs() if on else None
-        return self
-
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).
 
@@ -223,15 +214,12 @@ class CausalWan(torch.nn.Module):
                              f"{cache.frames[pos[0][0]]} (begin_block): RoPE and cache would disagree")
         t = timestep.reshape(-1).expand(B) if torch.is_tensor(timestep) else \
             torch.full((B,), float(timestep), device=x.device)  # a fill, not a host-to-device copy
-        args = (x.to(tr.patch_embedding.weight.dtype), t.float(), *self.rope(start_frame, f // pt, H // ph, W // pw),
-                *[z for kv in text_kv for z in kv])
-        run = lambda *args: self._run(*args, cache=cache, pos=pos, store=store)  # noqa: E731
-        if self.graphs is not None and cache is not None and store and not torch.is_grad_enabled():
-            return self.graphs(run, args, cache.tensors(), (pos, self.stages, tuple(SAMPLING_ATTENTION)))
-        return run(*args)
+        return self._run(x.to(tr.patch_embedding.weight.dtype), t.float(),
+                         *self.rope(start_frame, f // pt, H // ph, W // pw), *[z for kv in text_kv for z in kv],
+                         cache=cache, pos=pos, store=store)
 
     def _run(self, x, t, cos, sin, *text_kv, cache, pos, store):
-        """The tensor work of forward, on checked inputs (what cuda_graphs.Graphs captures)."""
+        """The tensor work of forward, on checked inputs."""
         tr, ce = self.transformer, self.transformer.condition_embedder
         B, _, f, H, W = x.shape
         pt, ph, pw = self.patch

@@ -51,8 +51,8 @@ p.add_argument("--width", type=int, default=None)
 p.add_argument("--out", default=None, help="the mp4 (default video.mp4), or with --prompts a folder (default videos)")
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--fast", type=int, default=None, choices=(0, 1, 2),
-               help="compiled block stages, CUDA graphs and compiled decoder after a warm-up (1, on a GPU) or the eager "
-                    "path (0); 2 compiles on any device (no CUDA graphs off the GPU); default: 1 on a GPU when the "
+               help="compiled block stages and decoder after a warm-up (1, on a GPU) or the eager path (0); 2 "
+                    "compiles on any device (the tests' check of the warm-up); default: 1 on a GPU when the "
                     f"videos hold at least {PAYS_FROM_FRAMES} latent frames in all (where the warm-up pays), else 0")
 
 
@@ -234,25 +234,24 @@ def main(argv=None):
     wan.height, wan.width = a.height or wan.height, a.width or wan.width
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video: its addresses key the graphs
+    cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video (KVCache.reset between them)
     fast = wanted(a.fast, a.device, a.frames * len(jobs))
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
     print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
-    if fast:  # compiled block stages, CUDA graphs, compiled decoder: a dry run compiles and captures every call
+    if fast:  # compiled block stages and decoder: a dry run compiles every call the videos will make
         t0 = time.perf_counter()
         m.compile_blocks()
-        m.cuda_graphs(cuda)
         V.speed_up(wan.vae)
         frames, dry_switches = dry_run(a.frames, switches, a.sink, a.window, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
         render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
                draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n, bool(a.global_sink))
         sync()
-        print(f"compile, CUDA graph capture and warm-up ({frames} frames): {time.perf_counter() - t0:.1f}s "
+        print(f"compile and warm-up ({frames} frames): {time.perf_counter() - t0:.1f}s "
               f"(once per process)")
     os.makedirs(os.path.dirname(os.path.abspath(jobs[0][0])), exist_ok=True)  # --prompts: the folder
     for path, prompts, seed in jobs:
-        before = (compilations(), len(m.graphs or ()))
+        before = compilations()
         t0 = time.perf_counter()
         with VideoFile(path) as video:
             kvs = [m.text_kv(wan.text_encoder([q])) for q in prompts]
@@ -260,8 +259,7 @@ def main(argv=None):
                            video.write, progress=True)
             sync()
             dt = time.perf_counter() - t0
-        extra = "" if not fast else (f"; {compilations() - before[0]} compilations and "
-                                     f"{len(m.graphs or ()) - before[1]} graph captures during the video")
+        extra = f"; {compilations() - before} compilations during the video" if fast else ""
         print(f"wrote {path}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
               f"({video.frames / dt:.1f} FPS, text encoding and decoding included; first frames after {first:.2f}s"
               f"{extra})")

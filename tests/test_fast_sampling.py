@@ -1,5 +1,5 @@
 """The sampling fast path as sample.py runs it: its warm-up meets every call the video then makes (no compilation,
-recompilation or CUDA graph capture inside the timed video), and many videos per process equal one video each;
+or recompilation inside the timed video), and many videos per process equal one video each;
 evaluate.py and train.py's evaluation through the same compiled path (fast.py) score as the eager path does."""
 import functools
 import re
@@ -21,8 +21,8 @@ def run_sample(args, capsys):
 
 
 def during_video(out):
-    """(compilations, graph captures) that sample.py reports for each video it wrote."""
-    return [tuple(map(int, m)) for m in re.findall(r"(\d+) compilations and (\d+) graph captures during", out)]
+    """The compilations that sample.py reports during each video it wrote."""
+    return [int(m) for m in re.findall(r"(\d+) compilations during the video", out)]
 
 
 def test_dry_run_hand_table():
@@ -49,13 +49,13 @@ def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, c
     args = [x for i, x in enumerate(args) if "--prompt" not in (x, args[i - 1] if i else None)]
     out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--fast", "2", "--device", "cpu",
                       *args], capsys)
-    assert during_video(out) == [(0, 0), (0, 0)], out
+    assert during_video(out) == [0, 0], out
     # the control: a warm-up one block short compiles inside the video
     monkeypatch.setattr(sample, "dry_run", lambda f, s, *a, **k: (3, [x for x in s if x < 3]))
     torch._dynamo.reset()
     out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "w"), "--fast", "2", "--device", "cpu",
                       *args], capsys)
-    assert during_video(out)[0][0] > 0, out
+    assert during_video(out)[0] > 0, out
 
 
 def test_prompts_file_writes_one_video_per_line_each_as_its_own_command(tmp_path, capsys):
@@ -80,14 +80,14 @@ def test_prompts_file_writes_one_video_per_line_each_as_its_own_command(tmp_path
     assert not np.array_equal(a, b)  # different prompts and seeds: different videos
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor + CUDA graphs)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor)")
 def test_gpu_second_video_compiles_and_captures_nothing(tmp_path, capsys):
     torch._dynamo.reset()
     prompts = tmp_path / "p.txt"
     prompts.write_text("a fox|a fox runs\na cat|a cat sleeps\n")
     out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--frames", "36", "--sink", "3",
-                      "--window", "6", "--switch", "27", "--device", "cuda"], capsys)
-    assert during_video(out) == [(0, 0), (0, 0)], out
+                      "--window", "6", "--switch", "27", "--device", "cuda", "--fast", "1"], capsys)
+    assert during_video(out) == [0, 0], out
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -115,9 +115,9 @@ def test_switch_off_a_block_start_takes_effect_at_the_next_one(wan):
     assert not torch.allclose(rounded[:, :, 9:], none[:, :, 9:], atol=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled stages and CUDA graphs need a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled stages need a CUDA GPU (inductor)")
 @pytest.mark.parametrize("global_sink", [True, False])
-def test_compiled_graphs_through_switches_equal_eager(global_sink):
+def test_compiled_stages_through_switches_equal_eager(global_sink):
     wan = M.load_tiny(seed=0).to("cuda")
     m, shape = wan.model, (16, 30, 8, 8)
     kvs = [m.text_kv(wan.text_encoder([p])) for p in ("a cat", "a dog", "a bird")]
@@ -125,10 +125,9 @@ def test_compiled_graphs_through_switches_equal_eager(global_sink):
     run = lambda: generate(m, kvs[0], noise, new_cache(m, 1, shape, SINK, WINDOW, N),  # noqa: E731
                            switches=[(7, kvs[1]), (19, kvs[2])], cache_last_block=False, global_sink=global_sink)
     eager = run()
-    m.compile_blocks().cuda_graphs()
+    m.compile_blocks()
     try:
         fast = run()
     finally:
-        m.cuda_graphs(False)
         m.stages = M.BLOCK_STAGES
     torch.testing.assert_close(fast, eager, atol=1e-4, rtol=1e-4)
