@@ -177,6 +177,7 @@ try:
 except SystemExit as e:
     print("refused", e, flush=True)
 dist.barrier()
+dist.destroy_process_group()  # torn down at exit instead, gloo can abort the process (SIGABRT)
 """
 
 
