@@ -2,6 +2,7 @@
 seeds that matter: each bad input is checked to stop before any model is built or anything is written."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -232,6 +233,31 @@ def test_evaluate_checks_lora_b_and_out_dir_before_generator_a(tmp_path, no_comp
     one_line_error(lambda: evaluate.main(["--reward", "colorfulness:0", "--out_dir", str(tmp_path / "ev")]),
                    "no nonzero weight")
     assert not (tmp_path / "ev").exists()
+
+
+BAD_EVALUATE = [
+    (["--reward", "hpsv3:1"], "--reward uses hpsv3, which needs --hpsv3=PATH"),
+    ([], "--reward uses hpsv3, which needs --hpsv3=PATH"),  # the default spec is the paper's three model rewards
+    (["--reward", "colorfulness:1,videoalign_ta:1"], "--reward uses videoalign_ta, which needs --videoalign=PATH"),
+    (["--reward", "colorfulness:1,no_such_module:fn:1"], "cannot import module 'no_such_module'"),
+    (["--reward", "colorfulness:1", "--out_dir", "{tmp}/file"], "--out_dir {tmp}/file is a file, not a folder"),
+    (["--reward", "colorfulness:1", "--out_dir", "{tmp}/file/sub"], "--out_dir {tmp}/file/sub cannot be created"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD_EVALUATE)
+def test_evaluate_refuses_model_rewards_without_their_path_and_a_file_as_out_dir(tmp_path, monkeypatch, no_compute,
+                                                                                 args, msg):
+    """Before: the reward models were looked for after --out_dir was created (a traceback from build_reward), and a
+    file as --out_dir gave errno's line without the flag. Now: one line naming the flag, nothing created or built."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "build_reward", lambda *a, **k: pytest.fail("built the rewards before the error"))
+    (tmp_path / "file").write_text("not a folder")
+    args = [x.format(tmp=tmp_path) for x in args]
+    if "--out_dir" not in args:
+        args += ["--out_dir", str(tmp_path / "ev")]
+    one_line_error(lambda: evaluate.main(args), msg.format(tmp=re.escape(str(tmp_path))))
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_sample_checks_folders_and_size_first_and_removes_stale_tmp(tmp_path, monkeypatch, no_compute):
