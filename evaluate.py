@@ -217,6 +217,8 @@ def check_args(a):
     for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
         if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")
+    if not 0 <= a.seed < 2 ** 63:  # as train.py's seed (config.check_config), whose evaluation this repeats
+        raise SystemExit(f"error: --seed {a.seed} must lie in [0, 2^63)")
     try:
         names = [name for name, _ in parse_spec(a.reward)]
         for flag in ("model", "checkpoint", "base_lora", "hpsv3", "videoalign", "videoalign_base"):

@@ -135,6 +135,7 @@ BAD_TRAIN = [
     (["--lr=1e38"], r"lr=1e\+38 must be at most 1"),
     (["--lr=0.5", "--weight_decay=3"], "weight_decay=3.0 times lr=0.5 must be below 1"),
     (["--seed=-1"], "seed=-1 must lie in"),
+    (["--seed=9223372036854775808"], r"seed=9223372036854775808 must lie in \[0, 2\^63\)"),
     (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
     (["--model={tmp}"], "model='{tmp}': {tmp} is not a diffusers Wan2.1 folder: it lacks transformer/config.json"),
     (["--checkpoint={tmp}"], "checkpoint and base_lora need model=PATH"),
@@ -290,6 +291,44 @@ def test_train_removes_the_videos_a_killed_evaluation_left_half_written(tmp_path
     train.main(FAST + ["--steps=1", f"--out_dir={tmp_path / 'run'}"])
     assert not stale.exists() and live.exists()
     assert f"removed {stale}, left by an interrupted write" in capsys.readouterr().out
+
+
+BAD_SEED = [  # (command, flags, message): sample.py seeds video i (a --prompts line) with --seed + i
+    ("sample", ["--seed", "-1"], r"--seed -1 must lie in \[0, 2\^63\)"),
+    ("sample", ["--seed", str(2 ** 63)], r"--seed 9223372036854775808 must lie in \[0, 2\^63\)"),
+    ("sample", ["--prompts", "{three}", "--seed", str(2 ** 63 - 2)],
+     r"the videos' seeds 9223372036854775806 \.\. 9223372036854775808 \(--seed \+ line\) must lie in \[0, 2\^63\)"),
+    ("evaluate", ["--seed", "-1"], r"--seed -1 must lie in \[0, 2\^63\)"),
+    ("evaluate", ["--seed", str(2 ** 63)], r"--seed 9223372036854775808 must lie in \[0, 2\^63\)"),
+]
+
+
+@pytest.mark.parametrize("command,args,msg", BAD_SEED)
+def test_sample_and_evaluate_refuse_seeds_out_of_range_first(tmp_path, monkeypatch, no_compute, command, args, msg):
+    """Before: the seed reached torch's generator after the model was built (2^64 and up: a traceback there)."""
+    import evaluate
+    import sample
+    monkeypatch.setattr(evaluate, "build_reward", lambda *a, **k: pytest.fail("built the rewards before the error"))
+    three = tmp_path / "three.txt"
+    three.write_text("a fox\na cat\na dog\n")
+    args = [x.format(three=three) for x in args]
+    if command == "sample":
+        many = "--prompts" in args  # then --out is a folder
+        run = lambda: sample.main(["--prompt", "a fox"] * (not many) + args +  # noqa: E731
+                                  ["--out", str(tmp_path / ("v" if many else "v.mp4")), "--device", "cpu"])
+    else:
+        run = lambda: evaluate.main(args + ["--reward", "colorfulness:1", "--out_dir", str(tmp_path / "ev")])  # noqa: E731
+    one_line_error(run, msg)
+    assert sorted(os.listdir(tmp_path)) == ["three.txt"]
+
+
+def test_sample_takes_the_last_seed_below_2_63(tmp_path, no_compute):
+    """The bound is exact: the last video's seed 2^63 - 1 is good (the run goes on to build the model)."""
+    import sample
+    three = tmp_path / "three.txt"
+    three.write_text("a fox\na cat\na dog\n")
+    with pytest.raises(pytest.fail.Exception, match="a model was built"):
+        sample.main(["--prompts", str(three), "--seed", str(2 ** 63 - 3), "--out", str(tmp_path / "v"), "--device", "cpu"])
 
 
 def test_sample_size_flags_set_the_video_size(tmp_path):
