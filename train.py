@@ -231,7 +231,8 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
              "videoalign_base": cfg.videoalign_base}
     ctx.reward_fn = reward_fn or build_reward(cfg.reward, ctx.device, {k: v for k, v in paths.items() if v})
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    ctx.wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, dtype=dtype)).to(ctx.device)
+    ctx.wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
+                             dtype=dtype)).to(ctx.device)
     ctx.wan.height, ctx.wan.width = cfg.height or ctx.wan.height, cfg.width or ctx.wan.width
     # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
     offload.park(ctx.wan.text_encoder.encoder.requires_grad_(False), ctx.device)
