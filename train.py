@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -309,7 +310,12 @@ def main(argv):
             log.row(row)
             log.histograms(step, ctx.spread)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(step, cfg, ctx)
+            try:
+                save_checkpoint(step, cfg, ctx)
+            except BaseException:  # SIGTERM, Ctrl-C or an error mid-save: its ckpt-*.tmp / latest.tmp go too
+                if ctx.rank == 0:
+                    clean_stale(cfg.out_dir)
+                raise
     # every rank must end with the same theta: check it rather than assume it
     checksum = sum(float(full_tensor(p).double().sum()) for p in ctx.policy.params("default"))
     print(f"rank {ctx.rank} trainable checksum {checksum:.12e}", flush=True)
@@ -328,4 +334,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # a kill unwinds as an error exit does: the lock is released (run_dir), a half-written sample video (VideoFile) or
+    # checkpoint (above) is removed; a SIGKILL leaves them to the next start (stale lock, clean_stale, remove_stale_tmp)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main(sys.argv[1:])

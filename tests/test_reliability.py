@@ -3,6 +3,7 @@ seeds that matter: each bad input is checked to stop before any model is built o
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -168,6 +169,67 @@ def test_an_error_after_the_claim_leaves_no_empty_folder(tmp_path):
     run_dir.claim(str(out))
     run_dir.release(str(out))
     assert out.is_dir() and os.listdir(out) == []
+
+
+# train.py run as `python train.py`, with a hook that stops it at a known point: mid-video (a sample video's first
+# frames written under VideoFile's temporary name) or mid-save (the first file of ckpt-NNNNNN.tmp written)
+STOPPED = """import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import safetensors.torch, sample
+def stop(real):
+    def hooked(*a, **k):
+        real(*a, **k)
+        while {where!r} == "video" and not os.path.exists(a[0].tmp):  # ffmpeg creates it on its own time
+            time.sleep(0.01)
+        open({mark!r}, "w").close()
+        time.sleep(300)
+    return hooked
+if {where!r} == "video":
+    sample.VideoFile.write = stop(sample.VideoFile.write)
+else:
+    safetensors.torch.save_file = stop(safetensors.torch.save_file)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def tree(folder):
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, ds, fs in os.walk(folder) for n in ds + fs)
+
+
+@pytest.mark.parametrize("where", ["step", "video", "save"])
+def test_sigterm_unwinds_train_releasing_the_lock_and_removing_temporary_files(tmp_path, where):
+    """SIGTERM used to kill train.py outright (exit -15): run.lock stayed (a later run takes it over as stale) and a
+    half-written ckpt-*.tmp or .tmp-<pid>-*.mp4 stayed until the next start. Now it exits 143 without a traceback,
+    having released the lock and removed what it was writing."""
+    out, mark = tmp_path / "run", tmp_path / "mark"
+    args = FAST + ["--steps=10000", f"--out_dir={out}"]
+    if where == "step":  # plain `python train.py`: killed between or inside steps, once it has logged one
+        cmd, ready = [sys.executable, "train.py", *args], lambda: "\n" in (out / "log.jsonl").read_text()
+    else:
+        args += ["--eval_every=1", "--eval_seeds=1"] if where == "video" else ["--save_every=1"]
+        cmd, ready = [sys.executable, "-c", STOPPED.format(root=ROOT, mark=str(mark), where=where), *args], mark.exists
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not ((out / "run.lock").is_file() and (out / "log.jsonl").is_file() and ready()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        assert (out / "run.lock").read_text().strip() == str(proc.pid)
+        during = tree(out)
+        if where == "video":
+            assert f"samples/.tmp-{proc.pid}-step00000_prompt0.mp4" in during
+        if where == "save":
+            assert "ckpt-000001.tmp/adapter_model.safetensors" in during
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    after = tree(out)
+    assert "run.lock" not in after and not [p for p in after if ".tmp" in p], after
+    assert "log.jsonl" in after and ("latest" not in after if where == "save" else True)
 
 
 RANKS = """import os, sys; sys.path.insert(0, {root!r}); import torch.distributed as dist, run_dir
