@@ -67,8 +67,11 @@ def check_args(a):
         raise SystemExit(f"error: --dtype {a.dtype!r}: choose from {', '.join(DTYPES)}")
     if os.path.exists(a.out):
         raise SystemExit(f"error: --out {a.out} exists; give a new folder")
-    if not os.access(os.path.dirname(os.path.abspath(a.out)), os.W_OK):
-        raise SystemExit(f"error: cannot create --out {a.out}")
+    parent = os.path.dirname(os.path.abspath(a.out))  # created with --out when missing (the README's exported/)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: cannot create --out {a.out} ({parent} is not a writable folder)")
     cfg, step, lora, alpha = read_run(a.checkpoint)
     if a.to == "longlive" and not lora:
         raise SystemExit(f"error: {a.checkpoint} is a full fine-tuning checkpoint (lora_rank=0), LongLive's lora.pt "

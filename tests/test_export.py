@@ -81,7 +81,7 @@ def test_self_forcing_export_reproduces_the_checkpoint(runs, wan, tmp_path, kind
 
 
 def test_diffusers_export_reproduces_the_checkpoint(runs, wan, tmp_path):
-    out = export_to(runs["lora"], "diffusers", tmp_path / "transformer")
+    out = export_to(runs["lora"], "diffusers", tmp_path / "exported" / "transformer")  # exported/ made with it
     loaded = WanTransformer3DModel.from_pretrained(out, torch_dtype=torch.float32)
     torch.testing.assert_close(latents(loaded, wan), latents(reference(runs["lora"]), wan), atol=1e-5, rtol=1e-5)
 
@@ -231,10 +231,12 @@ def test_model_card_names_base_hash_rewards_steps_and_the_last_evaluation(runs, 
     (["{full}", "--to", "longlive"], "is a full fine-tuning checkpoint .* LongLive's lora.pt needs a LoRA"),
     (["{lora}", "--to", "onnx"], "--to 'onnx' is not a format; choose from longlive, self_forcing, diffusers"),
     (["{lora}", "--to", "diffusers", "--which", "best"], "--which 'best'"),
+    (["{lora}", "--to", "diffusers", "--out", "{tmp}/file/x"], "cannot create --out {tmp}/file/x \\({tmp}/file is not"),
 ])
 def test_bad_input_is_one_line_before_any_weight_is_read(runs, tmp_path, monkeypatch, args, msg):
     monkeypatch.setattr(C, "load_transformer", lambda *a, **k: pytest.fail("loaded weights for bad input"))
-    argv = [x.format(tmp=tmp_path, full=runs["full"], lora=runs["lora"]) for x in args] + ["--out", str(tmp_path / "x")]
-    with pytest.raises(SystemExit, match=msg):
+    (tmp_path / "file").write_text("")
+    argv = ["--out", str(tmp_path / "x")] + [x.format(tmp=tmp_path, full=runs["full"], lora=runs["lora"]) for x in args]
+    with pytest.raises(SystemExit, match=msg.format(tmp=re.escape(str(tmp_path)))):
         export.main(argv)
     assert not (tmp_path / "x").exists()
