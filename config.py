@@ -59,7 +59,7 @@ class Config:
     seed: int = 0
     # output
     out_dir: str = "out"
-    log: str = "jsonl"            # where the log goes: jsonl, or jsonl,tensorboard (logs.py)
+    log: str = "jsonl"            # where the log goes: jsonl, plus tensorboard and/or wandb (logs.py)
     log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
     eval_every: int = 25          # evaluate every this many steps and at the end; 0: never
     eval_frames: int = 3

@@ -8,6 +8,7 @@ Config: config.py's dataclass; a preset first, then any field as --key=value.
 Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -285,7 +286,7 @@ def main(argv):
               f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
               f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
-    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start) if ctx.rank == 0 else None
+    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start, dataclasses.asdict(cfg)) if ctx.rank == 0 else None
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:

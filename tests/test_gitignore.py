@@ -12,7 +12,7 @@ WRITES = {  # script: files it writes inside its --out / --out_dir folder
     "train": ["log.jsonl", "log.png", "latest", "run.lock", "ckpt-000100/adapter_config.json", "ckpt-000100/state.pt",
               "ckpt-000100.tmp/adapter_model.safetensors", "samples/scores_step00000.csv",
               "samples/step00000_prompt0.mp4", "tensorboard/events.out.tfevents.1.host",
-              "wandb/offline-run-20261206_000000-abc/files/output.log", "wandb/run-id"],
+              "wandb/offline-run-20261206_000000-abc/files/output.log", "wandb/astrolabe-run-id"],
     "evaluate": ["scores.csv", "summary.md", "grid.png"],
     "export": ["MODEL_CARD.md", "longlive.yaml", "lora.pt", "model.safetensors", "config.json",
                "diffusion_pytorch_model.safetensors"],
