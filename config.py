@@ -16,6 +16,8 @@ class Config:
     checkpoint: str = None
     checkpoint_key: str = None
     base_lora: str = None
+    base_lora_alpha: float = None  # LoRA alpha of base_lora (LongLive's lora.pt stores none): W + alpha / r B A;
+    #                                None: alpha = r, read from the tensors (scale 1, as LongLive's 256 / 256)
     # prompts, one per line
     prompts: str = "prompts/train.txt"
     eval_prompts: str = "prompts/eval.txt"
@@ -64,7 +66,7 @@ class Config:
     seed: int = 0
     # output
     out_dir: str = "out"
-    log: str = "jsonl"            # where the log goes: jsonl, or jsonl,tensorboard (logs.py)
+    log: str = "jsonl"            # where the log goes: jsonl, plus tensorboard and/or wandb (logs.py)
     log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
     eval_every: int = 25          # evaluate every this many steps and at the end; 0: never
     eval_frames: int = 3
@@ -177,7 +179,7 @@ def check_config(cfg):
         need(getattr(cfg, k) is None or getattr(cfg, k) >= 16 and getattr(cfg, k) % 16 == 0, k,
              "must be a positive multiple of 16 (VAE stride 8 x patch 2), or None for the generator's default")
     for f in dataclasses.fields(Config):
-        if f.type is float:
+        if f.type is float and getattr(cfg, f.name) is not None:
             need(math.isfinite(getattr(cfg, f.name)), f.name, "must be a finite number")
     for k in ("lr", "beta", "a_max", "tau_kl", "grad_clip"):
         need(getattr(cfg, k) > 0, k, "must be positive")
@@ -194,6 +196,8 @@ def check_config(cfg):
     for k in ("gamma", "rho"):
         need(0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
     need(cfg.lora_rank == 0 or cfg.lora_alpha > 0, "lora_alpha", "must be positive (LoRA scale alpha / r)")
+    need(cfg.base_lora_alpha is None or cfg.base_lora_alpha > 0, "base_lora_alpha",
+         "must be positive (base_lora's scale alpha / r), or None for alpha = r")
     n = cfg.frames_per_block
     need(cfg.window_frames >= n, "window_frames", f"is smaller than one block (frames_per_block={n})")
     need(cfg.sink_frames <= cfg.window_frames, "sink_frames", f"must be at most window_frames={cfg.window_frames}")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import checkpoints as C
 import vae as V
-from config import read_prompts
+from config import check_rewards, read_prompts
 from fast import PAYS_FROM_FRAMES, compiled, wanted
 from rewards import build_reward, parse_spec
 from rollout import draw_noise, generate, new_cache, seed_of
@@ -217,8 +217,10 @@ def check_args(a):
     for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
         if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")
+    if not 0 <= a.seed < 2 ** 63:  # as train.py's seed (config.check_config), whose evaluation this repeats
+        raise SystemExit(f"error: --seed {a.seed} must lie in [0, 2^63)")
     try:
-        parse_spec(a.reward)
+        names = [name for name, _ in parse_spec(a.reward)]
         for flag in ("model", "checkpoint", "base_lora", "hpsv3", "videoalign", "videoalign_base"):
             if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
                 raise FileNotFoundError(f"--{flag} {getattr(a, flag)} does not exist")
@@ -227,13 +229,19 @@ def check_args(a):
         for flag in ("lora", "lora_b"):
             if getattr(a, flag):
                 C.check_trained(getattr(a, flag))
+        check_rewards(names, a)  # train.py's check: a model reward without its --hpsv3 / --videoalign is refused
         if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"--device {a.device}: no CUDA GPU is available")
-        os.makedirs(a.out_dir, exist_ok=True)
-        if not os.access(a.out_dir, os.W_OK):
-            raise PermissionError(f"--out_dir {a.out_dir} is not writable")
     except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
+        raise SystemExit(f"error: --out_dir {a.out_dir} is a file, not a folder")
+    try:
+        os.makedirs(a.out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {a.out_dir} cannot be created ({e.strerror or e})") from None
+    if not os.access(a.out_dir, os.W_OK):
+        raise SystemExit(f"error: --out_dir {a.out_dir} is not writable")
     return prompts
 
 

@@ -67,8 +67,11 @@ def check_args(a):
         raise SystemExit(f"error: --dtype {a.dtype!r}: choose from {', '.join(DTYPES)}")
     if os.path.exists(a.out):
         raise SystemExit(f"error: --out {a.out} exists; give a new folder")
-    if not os.access(os.path.dirname(os.path.abspath(a.out)), os.W_OK):
-        raise SystemExit(f"error: cannot create --out {a.out}")
+    parent = os.path.dirname(os.path.abspath(a.out))  # created with --out when missing (the README's exported/)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise SystemExit(f"error: cannot create --out {a.out} ({parent} is not a writable folder)")
     cfg, step, lora, alpha = read_run(a.checkpoint)
     if a.to == "longlive" and not lora:
         raise SystemExit(f"error: {a.checkpoint} is a full fine-tuning checkpoint (lora_rank=0), LongLive's lora.pt "
@@ -80,7 +83,7 @@ def merged(a, cfg):
     """The policy as one transformer: the base as train.py built it (fp32, so the merge is exact) with the
     checkpoint folded in."""
     tr = C.load_transformer(cfg.get("model"), cfg.get("checkpoint"), cfg.get("checkpoint_key"), cfg.get("base_lora"),
-                            dtype=torch.float32)
+                            cfg.get("base_lora_alpha"), dtype=torch.float32)
     return C.load_trained(tr, a.checkpoint, a.which)
 
 
@@ -91,13 +94,15 @@ def original_layout(sd, dtype):
 
 def longlive_lora(a, cfg, alpha, dtype):
     """LongLive's adapter and the trained one as one PEFT LoRA: A = [A_LongLive; A], B = [s_LongLive B_LongLive, s B],
-    rank r_LongLive + r at scale 1, so B A = both updates exactly. Keys as LongLive's get_peft_model_state_dict
-    writes them: base_model.model.<original-Wan module>.lora_A/lora_B.weight."""
+    rank r_LongLive + r at scale 1, so B A = both updates exactly. s_LongLive = base_lora_alpha / r_LongLive, the
+    scale train.py merged LongLive's adapter at (1 when the run left base_lora_alpha at None: alpha = r), s = the
+    trained adapter's alpha / r. Keys as LongLive's get_peft_model_state_dict writes them:
+    base_model.model.<original-Wan module>.lora_A/lora_B.weight."""
     from files import read_safetensors
     name = "adapter_model.safetensors" if a.which == "theta" else C.TRAINED_FILES[a.which]
     pairs = {}
     trained = read_safetensors(os.path.join(a.checkpoint, name))
-    for src, scale in ((C.read_checkpoint(cfg["base_lora"]), 1.0), (trained, None)):
+    for src, a_src in ((C.read_checkpoint(cfg["base_lora"]), cfg.get("base_lora_alpha")), (trained, alpha)):
         part = {}
         for k, v in src.items():
             m = re.match(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight$", k)
@@ -106,7 +111,7 @@ def longlive_lora(a, cfg, alpha, dtype):
             module = C.wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")]
             part.setdefault(module, {})[m.group(2)] = v.float()
         rank = next(iter(part.values()))["A"].shape[0]
-        s = scale if scale is not None else alpha / rank  # the base LoRA merges at alpha = r (checkpoints.load)
+        s = (a_src or rank) / rank  # alpha None: alpha = r, as checkpoints.merge_lora merges the base LoRA
         for module, ab in part.items():
             pairs.setdefault(module, []).append((ab["A"], s * ab["B"], rank))
     ranks = [sum(r for _, _, r in parts) for parts in pairs.values()]

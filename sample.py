@@ -140,6 +140,10 @@ def check_args(a):
         width = max(3, len(str(len(lines) - 1)))
         jobs = [(os.path.join(a.out, f"{i:0{width}d}-{slug(q)}.mp4"), q.split("|"), a.seed + i)
                 for i, q in enumerate(lines)]
+    if a.seed < 0 or jobs[-1][2] >= 2 ** 63:  # each video's noise is torch.manual_seed(its seed), as train.py's seed
+        raise SystemExit(f"error: --seed {a.seed} must lie in [0, 2^63)" if len(jobs) == 1 else
+                         f"error: --seed {a.seed}: the videos' seeds {a.seed} .. {jobs[-1][2]} (--seed + line) "
+                         f"must lie in [0, 2^63)")
     for flag in ("height", "width"):  # the VAE downsamples by 8 and the patch embedding by 2 more
         if getattr(a, flag) is not None and (getattr(a, flag) < 16 or getattr(a, flag) % 16):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} must be a positive multiple of 16")

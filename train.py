@@ -8,9 +8,11 @@ Config: config.py's dataclass; a preset first, then any field as --key=value.
 Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -232,7 +234,8 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
              "videoalign_base": cfg.videoalign_base}
     ctx.reward_fn = reward_fn or build_reward(cfg.reward, ctx.device, {k: v for k, v in paths.items() if v})
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    ctx.wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, dtype=dtype)).to(ctx.device)
+    ctx.wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
+                             dtype=dtype)).to(ctx.device)
     ctx.wan.height, ctx.wan.width = cfg.height or ctx.wan.height, cfg.width or ctx.wan.width
     # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
     offload.park(ctx.wan.text_encoder.encoder.requires_grad_(False), ctx.device)
@@ -288,7 +291,7 @@ def main(argv):
               f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
               f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
-    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start) if ctx.rank == 0 else None
+    log = ctx.log = RunLog(cfg.out_dir, cfg.log, start, dataclasses.asdict(cfg)) if ctx.rank == 0 else None
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:
@@ -313,7 +316,12 @@ def main(argv):
             log.row(row)
             log.histograms(step, ctx.spread)
         if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(step, cfg, ctx)
+            try:
+                save_checkpoint(step, cfg, ctx)
+            except BaseException:  # SIGTERM, Ctrl-C or an error mid-save: its ckpt-*.tmp / latest.tmp go too
+                if ctx.rank == 0:
+                    clean_stale(cfg.out_dir)
+                raise
     # every rank must end with the same theta: check it rather than assume it
     checksum = sum(float(full_tensor(p).double().sum()) for p in ctx.policy.params("default"))
     print(f"rank {ctx.rank} trainable checksum {checksum:.12e}", flush=True)
@@ -332,4 +340,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # a kill unwinds as an error exit does: the lock is released (run_dir), a half-written sample video (VideoFile) or
+    # checkpoint (above) is removed; a SIGKILL leaves them to the next start (stale lock, clean_stale, remove_stale_tmp)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main(sys.argv[1:])

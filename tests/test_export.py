@@ -81,7 +81,7 @@ def test_self_forcing_export_reproduces_the_checkpoint(runs, wan, tmp_path, kind
 
 
 def test_diffusers_export_reproduces_the_checkpoint(runs, wan, tmp_path):
-    out = export_to(runs["lora"], "diffusers", tmp_path / "transformer")
+    out = export_to(runs["lora"], "diffusers", tmp_path / "exported" / "transformer")  # exported/ made with it
     loaded = WanTransformer3DModel.from_pretrained(out, torch_dtype=torch.float32)
     torch.testing.assert_close(latents(loaded, wan), latents(reference(runs["lora"]), wan), atol=1e-5, rtol=1e-5)
 
@@ -152,6 +152,59 @@ def test_base_lora_alpha_scales_longlives_lora_and_defaults_to_its_rank(tmp_path
         torch.testing.assert_close(tr.get_submodule(f"blocks.{n}.{ours}").weight, expect, atol=1e-6, rtol=1e-6)
 
 
+def full_folder(folder):
+    """longlive_base's diffusers folder made whole (text encoder, VAE, tokenizer of the tiny model): what train.py's
+    --model needs besides the transformer."""
+    tiny = M.load_tiny(seed=1)
+    tiny.text_encoder.encoder.save_pretrained(os.path.join(folder, "text_encoder"))
+    tiny.text_encoder.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    tiny.vae.save_pretrained(os.path.join(folder, "vae"))
+    return folder
+
+
+def test_train_merges_the_base_lora_at_base_lora_alpha(tmp_path):
+    """train.py --base_lora_alpha=10 merges LongLive's rank-4 lora.pt at 10 / 4 (it was merged at alpha = r, scale 1,
+    whatever the flag: Config had no such field). Reference: base.pt's own weights and lora.pt's tensors."""
+    base = longlive_base(str(tmp_path))
+    full_folder(base[0])
+    cfg = config.parse_config(RUN + ["--lora_rank=0", f"--model={base[0]}", f"--checkpoint={base[1]}",
+                                     f"--checkpoint_key={base[2]}", f"--base_lora={base[3]}", "--base_lora_alpha=10"])
+    config.check_config(cfg)
+    tr = train.build(cfg).wan.model.transformer
+    want = M.load_tiny(seed=2).model.transformer  # base.pt holds these weights (longlive_base)
+    lora = torch.load(base[3], weights_only=True)["generator_lora"]
+    for n, ours, theirs in ((0, "attn1.to_q", "self_attn.q"), (1, "attn2.to_v", "cross_attn.v"), (1, "ffn.net.2", "ffn.2")):
+        A, B = (lora[f"base_model.model.blocks.{n}.{theirs}.lora_{x}.weight"] for x in "AB")
+        expect = want.get_submodule(f"blocks.{n}.{ours}").weight + 10 / 4 * B @ A
+        torch.testing.assert_close(tr.get_submodule(f"blocks.{n}.{ours}").weight, expect, atol=1e-6, rtol=1e-6)
+    with pytest.raises(SystemExit, match="base_lora_alpha=0.0 must be positive"):
+        config.check_config(config.parse_config(["--base_lora_alpha=0"]))
+    with pytest.raises(SystemExit, match="base_lora_alpha=inf must be a finite number"):
+        config.check_config(config.parse_config(["--base_lora_alpha=inf"]))
+
+
+def test_exports_of_a_run_with_base_lora_alpha_reproduce_it(runs, wan, tmp_path):
+    """A LoRA trained on LongLive's base merged at base_lora_alpha = 10 (r 4): the LongLive lora.pt carries LongLive's
+    adapter at 10 / 4 (it assumed alpha = r: scale 1), and the merged export folds it in at 10 / 4 too. Reference: the
+    base at 10 / 4 (checkpoints.load_transformer, as sample.py --base_lora_alpha 10) + the checkpoint."""
+    base = longlive_base(str(tmp_path))
+    ckpt = on_base(runs["lora"], base, tmp_path / "ckpt-000002")
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    state["config"].update(base_lora_alpha=10.0)
+    torch.save(state, os.path.join(ckpt, "state.pt"))
+    want = latents(C.load_trained(C.load_transformer(*base, lora_alpha=10.0, dtype=torch.float32), ckpt), wan)
+    assert not torch.allclose(latents(reference(ckpt, base=base), wan), want, atol=1e-3)  # alpha = r differs
+    out = export_to(ckpt, "longlive", tmp_path / "ll")
+    yaml = open(os.path.join(out, "longlive.yaml")).read()
+    rank, alpha = (int(re.search(rf"^  {k}: (\d+)$", yaml, re.M).group(1)) for k in ("rank", "alpha"))
+    tr = C.load_transformer(base[0], base[1], base[2], os.path.join(out, "lora.pt"), alpha, dtype=torch.float32)
+    torch.testing.assert_close(latents(tr, wan), want, atol=1e-5, rtol=1e-5)
+    out = export_to(ckpt, "self_forcing", tmp_path / "sf")
+    fresh = M.load_tiny(seed=123).model.transformer
+    C.load_wan_state_dict(fresh, C.read_checkpoint(os.path.join(out, "model.pt"), "generator_ema"))
+    torch.testing.assert_close(latents(fresh, wan), want, atol=1e-5, rtol=1e-5)
+
+
 def test_model_card_names_base_hash_rewards_steps_and_the_last_evaluation(runs, tmp_path):
     import hashlib
     import json
@@ -178,10 +231,12 @@ def test_model_card_names_base_hash_rewards_steps_and_the_last_evaluation(runs, 
     (["{full}", "--to", "longlive"], "is a full fine-tuning checkpoint .* LongLive's lora.pt needs a LoRA"),
     (["{lora}", "--to", "onnx"], "--to 'onnx' is not a format; choose from longlive, self_forcing, diffusers"),
     (["{lora}", "--to", "diffusers", "--which", "best"], "--which 'best'"),
+    (["{lora}", "--to", "diffusers", "--out", "{tmp}/file/x"], "cannot create --out {tmp}/file/x \\({tmp}/file is not"),
 ])
 def test_bad_input_is_one_line_before_any_weight_is_read(runs, tmp_path, monkeypatch, args, msg):
     monkeypatch.setattr(C, "load_transformer", lambda *a, **k: pytest.fail("loaded weights for bad input"))
-    argv = [x.format(tmp=tmp_path, full=runs["full"], lora=runs["lora"]) for x in args] + ["--out", str(tmp_path / "x")]
-    with pytest.raises(SystemExit, match=msg):
+    (tmp_path / "file").write_text("")
+    argv = ["--out", str(tmp_path / "x")] + [x.format(tmp=tmp_path, full=runs["full"], lora=runs["lora"]) for x in args]
+    with pytest.raises(SystemExit, match=msg.format(tmp=re.escape(str(tmp_path)))):
         export.main(argv)
     assert not (tmp_path / "x").exists()

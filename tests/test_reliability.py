@@ -2,6 +2,8 @@
 seeds that matter: each bad input is checked to stop before any model is built or anything is written."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +136,7 @@ BAD_TRAIN = [
     (["--lr=1e38"], r"lr=1e\+38 must be at most 1"),
     (["--lr=0.5", "--weight_decay=3"], "weight_decay=3.0 times lr=0.5 must be below 1"),
     (["--seed=-1"], "seed=-1 must lie in"),
+    (["--seed=9223372036854775808"], r"seed=9223372036854775808 must lie in \[0, 2\^63\)"),
     (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
     (["--model={tmp}"], "model='{tmp}': {tmp} is not a diffusers Wan2.1 folder: it lacks transformer/config.json"),
     (["--checkpoint={tmp}"], "checkpoint and base_lora need model=PATH"),
@@ -166,6 +169,67 @@ def test_an_error_after_the_claim_leaves_no_empty_folder(tmp_path):
     run_dir.claim(str(out))
     run_dir.release(str(out))
     assert out.is_dir() and os.listdir(out) == []
+
+
+# train.py run as `python train.py`, with a hook that stops it at a known point: mid-video (a sample video's first
+# frames written under VideoFile's temporary name) or mid-save (the first file of ckpt-NNNNNN.tmp written)
+STOPPED = """import os, runpy, sys, time
+sys.path.insert(0, {root!r})
+import safetensors.torch, sample
+def stop(real):
+    def hooked(*a, **k):
+        real(*a, **k)
+        while {where!r} == "video" and not os.path.exists(a[0].tmp):  # ffmpeg creates it on its own time
+            time.sleep(0.01)
+        open({mark!r}, "w").close()
+        time.sleep(300)
+    return hooked
+if {where!r} == "video":
+    sample.VideoFile.write = stop(sample.VideoFile.write)
+else:
+    safetensors.torch.save_file = stop(safetensors.torch.save_file)
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def tree(folder):
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, ds, fs in os.walk(folder) for n in ds + fs)
+
+
+@pytest.mark.parametrize("where", ["step", "video", "save"])
+def test_sigterm_unwinds_train_releasing_the_lock_and_removing_temporary_files(tmp_path, where):
+    """SIGTERM used to kill train.py outright (exit -15): run.lock stayed (a later run takes it over as stale) and a
+    half-written ckpt-*.tmp or .tmp-<pid>-*.mp4 stayed until the next start. Now it exits 143 without a traceback,
+    having released the lock and removed what it was writing."""
+    out, mark = tmp_path / "run", tmp_path / "mark"
+    args = FAST + ["--steps=10000", f"--out_dir={out}"]
+    if where == "step":  # plain `python train.py`: killed between or inside steps, once it has logged one
+        cmd, ready = [sys.executable, "train.py", *args], lambda: "\n" in (out / "log.jsonl").read_text()
+    else:
+        args += ["--eval_every=1", "--eval_seeds=1"] if where == "video" else ["--save_every=1"]
+        cmd, ready = [sys.executable, "-c", STOPPED.format(root=ROOT, mark=str(mark), where=where), *args], mark.exists
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not ((out / "run.lock").is_file() and (out / "log.jsonl").is_file() and ready()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        assert (out / "run.lock").read_text().strip() == str(proc.pid)
+        during = tree(out)
+        if where == "video":
+            assert f"samples/.tmp-{proc.pid}-step00000_prompt0.mp4" in during
+        if where == "save":
+            assert "ckpt-000001.tmp/adapter_model.safetensors" in during
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    after = tree(out)
+    assert "run.lock" not in after and not [p for p in after if ".tmp" in p], after
+    assert "log.jsonl" in after and ("latest" not in after if where == "save" else True)
 
 
 RANKS = """import os, sys; sys.path.insert(0, {root!r}); import torch.distributed as dist, run_dir
@@ -235,6 +299,31 @@ def test_evaluate_checks_lora_b_and_out_dir_before_generator_a(tmp_path, no_comp
     assert not (tmp_path / "ev").exists()
 
 
+BAD_EVALUATE = [
+    (["--reward", "hpsv3:1"], "--reward uses hpsv3, which needs --hpsv3=PATH"),
+    ([], "--reward uses hpsv3, which needs --hpsv3=PATH"),  # the default spec is the paper's three model rewards
+    (["--reward", "colorfulness:1,videoalign_ta:1"], "--reward uses videoalign_ta, which needs --videoalign=PATH"),
+    (["--reward", "colorfulness:1,no_such_module:fn:1"], "cannot import module 'no_such_module'"),
+    (["--reward", "colorfulness:1", "--out_dir", "{tmp}/file"], "--out_dir {tmp}/file is a file, not a folder"),
+    (["--reward", "colorfulness:1", "--out_dir", "{tmp}/file/sub"], "--out_dir {tmp}/file/sub cannot be created"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD_EVALUATE)
+def test_evaluate_refuses_model_rewards_without_their_path_and_a_file_as_out_dir(tmp_path, monkeypatch, no_compute,
+                                                                                 args, msg):
+    """Before: the reward models were looked for after --out_dir was created (a traceback from build_reward), and a
+    file as --out_dir gave errno's line without the flag. Now: one line naming the flag, nothing created or built."""
+    import evaluate
+    monkeypatch.setattr(evaluate, "build_reward", lambda *a, **k: pytest.fail("built the rewards before the error"))
+    (tmp_path / "file").write_text("not a folder")
+    args = [x.format(tmp=tmp_path) for x in args]
+    if "--out_dir" not in args:
+        args += ["--out_dir", str(tmp_path / "ev")]
+    one_line_error(lambda: evaluate.main(args), msg.format(tmp=re.escape(str(tmp_path))))
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_sample_checks_folders_and_size_first_and_removes_stale_tmp(tmp_path, monkeypatch, no_compute):
     import sample
     not_ckpt = tmp_path / "notckpt"
@@ -265,6 +354,44 @@ def test_train_removes_the_videos_a_killed_evaluation_left_half_written(tmp_path
     train.main(FAST + ["--steps=1", f"--out_dir={tmp_path / 'run'}"])
     assert not stale.exists() and live.exists()
     assert f"removed {stale}, left by an interrupted write" in capsys.readouterr().out
+
+
+BAD_SEED = [  # (command, flags, message): sample.py seeds video i (a --prompts line) with --seed + i
+    ("sample", ["--seed", "-1"], r"--seed -1 must lie in \[0, 2\^63\)"),
+    ("sample", ["--seed", str(2 ** 63)], r"--seed 9223372036854775808 must lie in \[0, 2\^63\)"),
+    ("sample", ["--prompts", "{three}", "--seed", str(2 ** 63 - 2)],
+     r"the videos' seeds 9223372036854775806 \.\. 9223372036854775808 \(--seed \+ line\) must lie in \[0, 2\^63\)"),
+    ("evaluate", ["--seed", "-1"], r"--seed -1 must lie in \[0, 2\^63\)"),
+    ("evaluate", ["--seed", str(2 ** 63)], r"--seed 9223372036854775808 must lie in \[0, 2\^63\)"),
+]
+
+
+@pytest.mark.parametrize("command,args,msg", BAD_SEED)
+def test_sample_and_evaluate_refuse_seeds_out_of_range_first(tmp_path, monkeypatch, no_compute, command, args, msg):
+    """Before: the seed reached torch's generator after the model was built (2^64 and up: a traceback there)."""
+    import evaluate
+    import sample
+    monkeypatch.setattr(evaluate, "build_reward", lambda *a, **k: pytest.fail("built the rewards before the error"))
+    three = tmp_path / "three.txt"
+    three.write_text("a fox\na cat\na dog\n")
+    args = [x.format(three=three) for x in args]
+    if command == "sample":
+        many = "--prompts" in args  # then --out is a folder
+        run = lambda: sample.main(["--prompt", "a fox"] * (not many) + args +  # noqa: E731
+                                  ["--out", str(tmp_path / ("v" if many else "v.mp4")), "--device", "cpu"])
+    else:
+        run = lambda: evaluate.main(args + ["--reward", "colorfulness:1", "--out_dir", str(tmp_path / "ev")])  # noqa: E731
+    one_line_error(run, msg)
+    assert sorted(os.listdir(tmp_path)) == ["three.txt"]
+
+
+def test_sample_takes_the_last_seed_below_2_63(tmp_path, no_compute):
+    """The bound is exact: the last video's seed 2^63 - 1 is good (the run goes on to build the model)."""
+    import sample
+    three = tmp_path / "three.txt"
+    three.write_text("a fox\na cat\na dog\n")
+    with pytest.raises(pytest.fail.Exception, match="a model was built"):
+        sample.main(["--prompts", str(three), "--seed", str(2 ** 63 - 3), "--out", str(tmp_path / "v"), "--device", "cpu"])
 
 
 def test_sample_size_flags_set_the_video_size(tmp_path):
