@@ -32,6 +32,9 @@ def run(args, env):
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "sample.py", *args], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    done = sum(f.startswith("sample-") for f in os.listdir(os.path.join(OUT_DIR, "user")))
+    with open(os.path.join(OUT_DIR, "user", f"sample-{done}.log"), "w") as f:
+        f.write(f"sample.py {' '.join(args)}\n{p.stdout}\n{p.stderr}")  # TORCH_LOGS=recompiles: what compiled when
     if p.returncode:
         raise RuntimeError(f"sample.py {' '.join(args)} failed:\n{p.stderr[-3000:]}")
     videos = [tuple(float(x) if x else float("nan") for x in m.groups()) for m in WROTE.finditer(p.stdout)]
@@ -48,7 +51,7 @@ def user_rows(wan):
     model = [] if TINY else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
     caches = tempfile.mkdtemp(prefix="compile-caches-")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
-               TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1")
+               TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")
     prompts = os.path.join(out, "prompts.txt")
     with open(prompts, "w") as f:
         f.write(f"{PROMPT}\na drone flies over a rocky coastline\na cat sleeps on a warm windowsill\n")

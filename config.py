@@ -55,13 +55,14 @@ class Config:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
-    # the training step's fast paths (fast_train.py), each switchable so bench.py train can measure its gain;
-    # the GPU-only ones do nothing on the CPU, where the tests run the eager reference path
-    merged_rollouts: bool = True  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
-    fast_decode: bool = True      # the compiled decoder (CUDA)
-    train_attention: bool = True  # cuDNN-first attention under autograd too (CUDA)
-    compile_train: bool = False   # compiled block stages for theta's forward and backward (CUDA)
-    checkpoint_attention: bool = True  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
+    # the training step's fast paths (fast_train.py), each switchable so bench.py train can measure its gain. Off
+    # until measured on a GPU (README, "One RL step at the paper's scale"): each is checked against the eager step
+    # on the CPU only, where the GPU-only ones (compiling, cuDNN) do nothing
+    merged_rollouts: bool = False  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
+    fast_decode: bool = False      # the compiled decoder (CUDA)
+    train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
+    compile_train: bool = False    # compiled block stages for theta's forward and backward (CUDA)
+    checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
     steps: int = 100
     seed: int = 0
     # output

@@ -264,6 +264,8 @@ def main(argv=None):
             sync()
             dt = time.perf_counter() - t0
         extra = f"; {compilations() - before} compilations during the video" if fast else ""
+        if fast and compilations() > before:  # the warm-up missed a call: TORCH_LOGS=recompiles names it
+            extra += " (the warm-up missed them: TORCH_LOGS=recompiles says which)"
         print(f"wrote {path}: {video.frames} frames {shape[2] * 8}x{shape[3] * 8} in {dt:.2f}s "
               f"({video.frames / dt:.1f} FPS, text encoding and decoding included; first frames after {first:.2f}s"
               f"{extra})")

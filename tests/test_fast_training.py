@@ -21,7 +21,8 @@ from reward_models import HPSv3, VideoAlign
 from rollout import clip_velocity, draw_noise, group_rollout
 from test_astrolabe import NORM, PIXELS, hps_head, make_tokenizer, randomize, tiny_config, video
 
-LORA = ["--lora_rank=4", "--lora_alpha=8"]  # scale alpha / r = 2: a wrong scale in the merge shows
+LORA = ["--lora_rank=4", "--lora_alpha=8",  # scale alpha / r = 2: a wrong scale in the merge shows
+        "--merged_rollouts=true", "--fast_decode=true", "--train_attention=true", "--checkpoint_attention=true"]
 FAST = ["--prompts_per_rank=1", "--group_size=4", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
         "--clip_start=3", "--eval_every=0", "--gamma=0.9", "--lr=1e-3"]
 
