@@ -81,7 +81,7 @@ def test_prompts_file_writes_one_video_per_line_each_as_its_own_command(tmp_path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor)")
-def test_gpu_second_video_compiles_and_captures_nothing(tmp_path, capsys):
+def test_gpu_videos_compile_nothing_after_the_warm_up(tmp_path, capsys):
     torch._dynamo.reset()
     prompts = tmp_path / "p.txt"
     prompts.write_text("a fox|a fox runs\na cat|a cat sleeps\n")
