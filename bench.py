@@ -16,6 +16,7 @@ random weights (timing needs no trained weights), bf16.
 Each prints a table and writes bench_<command>.json under out/bench (BENCH_OUT). Timings: CUDA synchronised,
 one warm-up run, median of the timed runs; every fast variant is compared with the reference path (errors printed).
 """
+import contextlib
 import json
 import os
 import statistics
@@ -257,7 +258,7 @@ def eval_rows(wan, frames, seeds=4):
 
     def run(compiled):
         videos = []
-        with fast.compiled(m, wan.vae) if compiled else torch.no_grad():
+        with fast.compiled(m, wan.vae) if compiled else contextlib.nullcontext():
             score_samples(m, wan, reward, [PROMPT], list(range(seeds)), frames, 3, 21, 3, batch=seeds, amp=amp,
                           on_frames=lambda i, s, v: videos.append(v))
         return videos[0]

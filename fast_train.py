@@ -12,8 +12,6 @@ train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under aut
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
-import weakref
-
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -37,24 +35,13 @@ def keep_self_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-# Compiled stages and decoders made once and kept while switched off: a new torch.compile wrapper may recompile
-# (its backend is another object), so switching a lever back on would compile again inside a timed step
-_COMPILED = weakref.WeakKeyDictionary()
-
-
 def _stages(net, compiled):
-    if compiled and net not in _COMPILED:
-        _COMPILED[net] = net.compile_blocks().stages
-    net.stages = _COMPILED[net] if compiled else M.BLOCK_STAGES
+    net.stages = net.compile_blocks().stages if compiled else M.BLOCK_STAGES  # compiled once per net (model.py)
 
 
 def _decoder(vae, compiled):
-    if compiled and vae not in _COMPILED:
-        _COMPILED[vae] = V.FAST[V.speed_up(vae)]
-    if compiled:
-        V.FAST[vae] = _COMPILED[vae]
-    elif vae in V.FAST:  # the layout and padding changes stay (the same arithmetic); the decoder runs eagerly
-        V.FAST[vae] = vae.decoder
+    if compiled or vae in V.FAST:  # off: the layout and padding changes stay (the same arithmetic), run eagerly
+        V.speed_up(vae, compile=compiled)
 
 
 def configure(ctx, cfg, compile=None):

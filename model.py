@@ -152,6 +152,7 @@ class CausalWan(torch.nn.Module):
         self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
         self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
         self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
+        self.compiled_stages = None  # made by the first compile_blocks(), kept for later ones
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -183,11 +184,15 @@ class CausalWan(torch.nn.Module):
         ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
         return [b.text_kv(ctx) for b in self.transformer.blocks]
 
-    def compile_blocks(self, mode=None):
+    def compile_blocks(self):
         """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
         the norms, the adaLN modulation, RoPE and the gated residuals around the matmuls; shapes are fixed
-        per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager."""
-        self.stages = tuple(torch.compile(f, dynamic=False, mode=mode) for f in BLOCK_STAGES)
+        per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager.
+        Later calls reuse the same compiled stages: dynamo guards on the backend object, so a new torch.compile
+        wrapper would compile everything again (each evaluation of a training run, say)."""
+        if self.compiled_stages is None:
+            self.compiled_stages = tuple(torch.compile(f, dynamic=False) for f in BLOCK_STAGES)
+        self.stages = self.compiled_stages
         return self
 
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):

@@ -8,6 +8,7 @@ and afterwards points the module back at the pinned copy, which is still exact s
 way back costs nothing. On the CPU, or for a module never parked, both are no-ops.
 """
 import contextlib
+import math
 import time
 
 import torch
@@ -64,9 +65,7 @@ def host_buffer(name, shape, dtype, device):
     a CUDA `device`, one pinned buffer per name, reused every step (pinning 5.5 GB takes seconds; copies from and
     to pinned memory run asynchronously at the link's speed); otherwise a fresh tensor. Its contents are the
     caller's to fill."""
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if torch.device(device).type != "cuda":
         return torch.empty(shape, dtype=dtype)
     buf = _HOST.get(name)

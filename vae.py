@@ -30,7 +30,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 RECEPTIVE_FIELD = 38
 
 
-FAST = weakref.WeakKeyDictionary()  # vae -> its compiled decoder (speed_up)
+FAST = weakref.WeakKeyDictionary()  # vae -> the decoder its streams run: compiled or not (speed_up)
+COMPILED = weakref.WeakKeyDictionary()  # vae -> its compiled decoder, made once (a new wrapper compiles anew)
 
 
 def speed_up(vae, compile=True):
@@ -57,7 +58,9 @@ def speed_up(vae, compile=True):
     # stage, every chunk layout), past its default limit of 8, after which it runs them eagerly without a word:
     # progressive decoding took 1.27 s instead of 0.88 s (H100, 2026-11-22). The limit is raised to fit them.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    FAST[vae] = torch.compile(vae.decoder, dynamic=False) if compile else vae.decoder
+    if compile and vae not in COMPILED:
+        COMPILED[vae] = torch.compile(vae.decoder, dynamic=False)
+    FAST[vae] = COMPILED[vae] if compile else vae.decoder
     return vae
 
 

@@ -149,3 +149,20 @@ def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypat
     assert not torch.equal(eager["composite"], old["composite"])
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_path_is_made_once_per_model_and_vae(wan):
+    """fast.compiled, compile_blocks and vae.speed_up hand back the same compiled objects every time: dynamo guards
+    on the backend object, so a new torch.compile wrapper would compile everything again at each evaluation."""
+    import copy
+    import vae as V
+    w = copy.deepcopy(wan)
+    m, eager_stages = w.model, w.model.stages
+    with fast.compiled(m, w.vae):
+        stages, decoder = m.stages, V.FAST[w.vae]
+    assert m.stages is eager_stages and stages is not eager_stages and decoder is not w.vae.decoder
+    V.speed_up(w.vae, compile=False)  # a training lever switched off (fast_train.configure), then on again
+    assert V.FAST[w.vae] is w.vae.decoder
+    with fast.compiled(m, w.vae):
+        assert m.stages is stages and V.FAST[w.vae] is decoder
+    assert m.compile_blocks().stages is stages
