@@ -4,7 +4,8 @@ random weights (timing needs no trained weights), bf16.
     python bench.py generate        # 81 frames at 480x832 from text: eager vs compiled generator and decoder,
                                     # kernel profiles, end to end with progressive decoding; FPS, first frame;
                                     # evaluate's path; then sample.py itself in fresh processes (bench_user.py)
-    python bench.py generate --part=breakdown|user   # only the in-process rows, or only sample.py's
+    python bench.py generate --part=breakdown|e2e|user   # only the in-process rows (e2e: without profiles and
+                                    # evaluate's rows), or only sample.py's
     python bench.py group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
     python bench.py train [--preset=longlive] [--rows=s:G,...] [--levers=a,b,...] [--no-flops]
                                     # one RL step at G = 24 (paper settings): eager vs fast (errors), counted
@@ -32,7 +33,8 @@ from bench_step import bench_train
 from bench_user import user_rows
 from bench_models import DEV, OUT_DIR, PROMPT, TINY, WAN_1_3B, real_wan
 
-PART = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "all")  # generate: breakdown, user
+# generate: all, breakdown (the in-process rows), e2e (the breakdown without profiles and evaluate's rows), user
+PART = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "all")
 from rollout import draw_noise, generate, group_rollout, new_cache
 
 def timed(fn, runs=3):
@@ -159,8 +161,9 @@ def bench_generate(frames=21):
             ref = latents if ref is None else ref
             add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12,
                      rel_err=rel_err(latents, ref), setup_s=setup_s, compiled_graphs=counters["stats"]["unique_graphs"]))
-        print("profile: one generation, compiled stages", flush=True)
-        report["profile_generator"] = profile(gen)
+        if PART != "e2e":
+            print("profile: one generation, compiled stages", flush=True)
+            report["profile_generator"] = profile(gen)
 
         # 2. decoder: diffusers' one-shot decode (reference), streaming, the layout and padding levers, compiled
         with FlopCounterMode(display=False) as fc:
@@ -187,8 +190,9 @@ def bench_generate(frames=21):
                      max_abs_err=float((out - pixels).abs().max()), **({"setup_s": setup_s} if fast else {})))
         _, t = timed(lambda: V.Decoder(vae)(ref[:, :, :3]), 2)  # the first two chunks: their own layouts
         add(dict(part="decode", variant="  of which the first 3 latent frames (chunks of 1 and 2)", seconds=t))
-        print("profile: one compiled streaming decode", flush=True)
-        report["profile_decode"] = profile(lambda: V.Decoder(vae)(ref), shapes=True)
+        if PART != "e2e":
+            print("profile: one compiled streaming decode", flush=True)
+            report["profile_decode"] = profile(lambda: V.Decoder(vae)(ref), shapes=True)
 
         # 3. end to end, text encoding included: decode after generation, or progressive (as sample.py). Decoding
         # on a second CUDA stream, overlapped with the next block, was measured too (H100, 2026-11-22: 3.92 s
@@ -232,7 +236,7 @@ def bench_generate(frames=21):
             _, s, first, *_ = end_to_end(True, noise=long_noise, cache=long_cache)
             add(dict(part="end to end", variant="progressive, fast path, 477 frames (--sink 3 --window 21)",
                      seconds=s, fps_end_to_end=477 / s, first_frame_s=first))
-            rows += eval_rows(wan, frames)
+            rows += eval_rows(wan, frames) if PART != "e2e" else []
     for peer in PEERS:
         add(dict(part="end to end", **peer))
     if PART == "all":
@@ -327,7 +331,7 @@ if __name__ == "__main__":
     flags, options = ("--tiny", "--no-flops", "--check-scaling"), ("--preset=", "--rows=", "--levers=", "--part=")
     args = [a for a in sys.argv[1:] if a not in flags and not a.startswith(options)]
     if len(args) != 1 or args[0] not in commands:
-        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|user] "
+        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|e2e|user] "
                          f"[train: --preset=self_forcing|longlive --rows=s:G,... --levers=a,b,... --no-flops "
                          f"--check-scaling]")
     result = commands[args[0]]()

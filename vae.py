@@ -20,7 +20,7 @@ length (README, "How clips are decoded", has the measured error and cost of shor
 import weakref
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
 
 # How far back in latent frames the decoder's state reaches (Wan2.1 decoder, 2 resblocks per stage + 1): every
@@ -32,6 +32,38 @@ RECEPTIVE_FIELD = 38
 
 FAST = weakref.WeakKeyDictionary()  # vae -> the decoder its streams run: compiled or not (speed_up)
 COMPILED = weakref.WeakKeyDictionary()  # vae -> its compiled decoder, made once (a new wrapper compiles anew)
+
+
+class Upsample3d(WanResample):
+    """diffusers' WanResample in its "upsample3d" mode (the decoder's temporal upsamplers; diffusers 0.35-0.42.1), the
+    same feature-cache protocol and arithmetic, written so that dynamo traces it whole. diffusers marks a stream's
+    first chunk by storing the string "Rep" in the cache and tests `entry == "Rep"` on every later chunk; on a
+    cached tensor that comparison is one torch 2.11's dynamo cannot trace, a graph break inside the decoder's loop
+    over its up blocks, after which dynamo gives up on the whole decoder for good and compiles its pieces one by
+    one, every chunk layout again (16 compilations inside sample.py's first video, H100, 2026-12-06). Here the
+    marker is told apart by its type. speed_up swaps it in; the eager path keeps diffusers' own module."""
+
+    def forward(self, x, feat_cache=None, feat_idx=[0]):
+        if feat_cache is None:  # a whole-video call without the cache: diffusers' code
+            return super().forward(x, feat_cache, feat_idx)
+        b, c, t, h, w = x.shape
+        idx = feat_idx[0]
+        feat_idx[0] += 1
+        before = feat_cache[idx]
+        if before is None:  # the stream's first chunk: its one latent frame stays one frame (no time doubling)
+            feat_cache[idx] = "Rep"
+        else:
+            keep = x[:, :, -2:].clone()  # the causal time conv's context for the next chunk: the last 2 frames
+            if keep.shape[2] < 2:  # a 1-frame chunk: the frame before it comes from the cache (zeros after "Rep")
+                prev = torch.zeros_like(keep) if isinstance(before, str) else before[:, :, -1:].to(keep.device)
+                keep = torch.cat([prev, keep], 2)
+            x = self.time_conv(x) if isinstance(before, str) else self.time_conv(x, before)
+            feat_cache[idx] = keep
+            x = x.reshape(b, 2, c, t, h, w)  # the time conv's 2c channels are two output frames per input frame
+            x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, 2 * t, h, w)
+        t = x.shape[2]
+        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # spatial 2x, frame by frame
+        return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
 def speed_up(vae, compile=True):
@@ -47,6 +79,8 @@ def speed_up(vae, compile=True):
         if p.ndim in (4, 5):
             p.data = p.data.contiguous(memory_format=torch.channels_last if p.ndim == 4 else torch.channels_last_3d)
     for m in vae.decoder.modules():
+        if type(m) is WanResample and m.mode == "upsample3d":
+            m.__class__ = Upsample3d
         if isinstance(m, WanCausalConv3d) and any(m._padding[:4]):  # diffusers: (w, w, h, h, 2 t, 0) for F.pad
             w, _, h, _, t, _ = m._padding
             m.padding, m._padding = (0, h, w), (0, 0, 0, 0, t, 0)  # only the causal time padding stays a copy

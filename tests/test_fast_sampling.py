@@ -1,6 +1,7 @@
 """The sampling fast path as sample.py runs it: its warm-up meets every call the video then makes (no compilation,
 or recompilation inside the timed video), and many videos per process equal one video each;
 evaluate.py and train.py's evaluation through the same compiled path (fast.py) score as the eager path does."""
+import copy
 import functools
 import re
 
@@ -166,3 +167,34 @@ def test_compiled_path_is_made_once_per_model_and_vae(wan):
     with fast.compiled(m, w.vae):
         assert m.stages is stages and V.FAST[w.vae] is decoder
     assert m.compile_blocks().stages is stages
+
+
+def test_fast_decoder_never_compares_a_cached_tensor_with_the_rep_marker(wan, monkeypatch):
+    """diffusers marks a stream's first chunk with the string "Rep" in the decoder cache and tests `entry == "Rep"`
+    on later chunks, where the entry is a tensor: torch 2.11's dynamo cannot trace that comparison, breaks the graph
+    inside the decoder's up-block loop and then drops the whole decoder, compiling its pieces again inside the first
+    video (16 compilations, H100 2026-12-06; torch 2.13 traces it). speed_up's upsamplers (vae.Upsample3d) tell the
+    marker apart by type: here a tensor compared with a str raises, and the stream of 1-, 2-, 3- and 1-frame chunks
+    (every branch) still gives diffusers' own pixels; the control is diffusers' module, which compares."""
+    import vae as V
+    fast = V.speed_up(copy.deepcopy(wan.vae), compile=False)
+    torch.backends.cudnn.benchmark = False
+    assert sum(type(m) is V.Upsample3d for m in fast.decoder.modules()) == 2  # the tiny decoder's temporal upsamplers
+    torch.manual_seed(16)
+    z = torch.randn(1, 16, 7, 4, 4)
+    ref = V.decode(wan.vae, z)
+    eq, ne = torch.Tensor.__eq__, torch.Tensor.__ne__
+
+    def strict(op):
+        def compare(self, other):
+            if isinstance(other, str):
+                raise AssertionError(f"a cached tensor compared with {other!r}")
+            return op(self, other)
+        return compare
+    monkeypatch.setattr(torch.Tensor, "__eq__", strict(eq))
+    monkeypatch.setattr(torch.Tensor, "__ne__", strict(ne))
+    dec = V.Decoder(fast)
+    out = torch.cat([dec(z[:, :, a:b]) for a, b in [(0, 1), (1, 3), (3, 6), (6, 7)]], 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(AssertionError, match="compared with 'Rep'"):
+        V.decode(wan.vae, z)
