@@ -1,5 +1,6 @@
 """Shared fixtures for the per-concern tests under tests/ (test_astrolabe.py at the root is the file
-read beside the paper). The repository root holds the modules, so it goes on the import path."""
+read beside the paper; it keeps its own fixtures). The repository root holds the modules, so it goes on the
+import path; so does tests/ itself, for the plain helpers in tests/helpers.py."""
 import os
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 
 import model  # noqa: E402  (needs the path above)
 

@@ -15,8 +15,8 @@ import config
 import export
 import model as M
 import train
+from helpers import original_wan_keys, to_original  # the hand-written original-Wan key table
 from rollout import draw_noise, generate, new_cache
-from test_astrolabe import original_wan_keys, to_original  # the hand-written original-Wan key table
 
 RUN = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
        "--steps=2", "--eval_every=2", "--eval_seeds=2", "--lr=0.05"]

@@ -16,10 +16,10 @@ import model as M
 import rewards
 import train
 import vae as V
+from helpers import NORM, PIXELS, hps_head, make_tokenizer, randomize, tiny_config, video
 from policy import Policy
 from reward_models import HPSv3, VideoAlign
 from rollout import clip_velocity, draw_noise, group_rollout
-from test_astrolabe import NORM, PIXELS, hps_head, make_tokenizer, randomize, tiny_config, video
 
 LORA = ["--lora_rank=4", "--lora_alpha=8",  # scale alpha / r = 2: a wrong scale in the merge shows
         "--merged_rollouts=true", "--fast_decode=true", "--train_attention=true", "--checkpoint_attention=true"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from helpers import text_kv
 from rollout import draw_noise, generate, new_cache, recache, switch_starts
 
 N, SINK, WINDOW, TPF = 3, 3, 9, 16  # LongLive's local_attn_size 12, sink_size 3
@@ -113,6 +114,30 @@ def test_switch_off_a_block_start_takes_effect_at_the_next_one(wan):
     torch.testing.assert_close(rounded, exact, atol=0, rtol=0)
     torch.testing.assert_close(rounded[:, :, :9], none[:, :, :9], atol=1e-6, rtol=0)
     assert not torch.allclose(rounded[:, :, 9:], none[:, :, 9:], atol=1e-3)
+
+
+def test_prompt_switch_recaches_the_window(wan):
+    m = wan.model
+    kv_a, kv_b = text_kv(wan, "a quiet snowy forest"), text_kv(wan, "a busy neon city street")
+    noise = draw_noise(50, 1, (16, 9, 8, 8))
+    cache = new_cache(m, 1, (16, 9, 8, 8), 0, 6, N)
+    first = generate(m, kv_a, noise[:, :, :, :6], cache)
+    before = [k[:, :6 * 16].clone() for k in cache.k]
+    rest = generate(m, kv_a, noise[:, :, :, 6:], cache, start_frame=6, switches=[(6, kv_b)], latents=first)
+    # reference: LongLive's re-cache, frames 0-5 in one call with prompt B, each seeing all six
+    ref = new_cache(m, 1, (16, 6, 8, 8), 0, 6, N)
+    with torch.no_grad():
+        ref.begin_block(0, 6)
+        m(first, 0.0, kv_b, ref, 0, store=True)
+    # window 6 before frame 6 holds frames 0-5; block 6-8 evicted 0-2, so 3-5 sit in slots 0-2
+    assert cache.frames == [3, 4, 5, 6, 7, 8]
+    for layer, (k, r, b) in enumerate(zip(cache.k, ref.k, before)):
+        torch.testing.assert_close(k[:, :3 * 16], r[:, 3 * 16:6 * 16], atol=1e-5, rtol=0)
+        # layer-0 keys precede any cross-attention; deeper layers carry the new prompt
+        assert torch.allclose(k[:, :3 * 16], b[:, 3 * 16:6 * 16], atol=1e-3) == (layer == 0)
+    no_switch = generate(m, kv_a, noise, new_cache(m, 1, (16, 9, 8, 8), 0, 6, N))
+    torch.testing.assert_close(no_switch[:, :, :6], first, atol=1e-5, rtol=0)  # before the switch: unchanged
+    assert not torch.allclose(no_switch[:, :, 6:], rest, atol=1e-3)  # after: the new prompt shows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled stages need a CUDA GPU (inductor)")

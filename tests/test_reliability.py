@@ -1,5 +1,6 @@
 """An output folder owned by one run, degenerate inputs refused, finite statistics, errors before compute,
-seeds that matter: each bad input is checked to stop before any model is built or anything is written."""
+seeds that matter: each bad input is checked to stop before any model is built or anything is written; the
+generator, the KV cache, the loss and the rewards refuse bad tensors and arguments before they compute."""
 import json
 import os
 import re
@@ -15,6 +16,11 @@ import checkpoints as C
 import config
 import run_dir
 import train
+from helpers import N, text_kv, video
+from kv_cache import KVCache
+from loss import Controller, advantages, kl_loss, policy_loss
+from rewards import DEFAULT_OFFLINE_SPEC, build_reward
+from rollout import draw_noise, generate, new_cache
 
 FAST = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
         "--eval_every=0", "--save_every=100"]
@@ -153,6 +159,67 @@ def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, ar
     args = [a.format(tmp=tmp_path) for a in args]
     one_line_error(lambda: train.main(FAST + args + [f"--out_dir={tmp_path / 'run'}"]), msg.format(tmp=tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompts=/nonexistent.txt"], "does not exist"),
+    (["--preset=sd3"], "unknown preset"),
+    (["--learning_rate=1"], "unknown config key 'learning_rate'"),
+    (["--clip_frames=12", "--window_frames=9"], "longer than window_frames"),
+    (["--group_size=1"], "at least 2 candidates"),
+    (["steps=3"], "--key=value"),
+    (["--steps=abc"], "--steps='abc' is not an int"),
+    (["--steps=1.5"], "--steps='1.5' is not an int"),
+    (["--lr=1e-3x"], "--lr='1e-3x' is not a number"),
+    (["--steps=None"], "--steps=None: steps needs a value"),
+    (["--resume=ture"], "--resume='ture' is not a boolean"),
+    (["--gradient_checkpointing=maybe"], "--gradient_checkpointing='maybe' is not a boolean"),
+    (["--lora_rank=-1"], "lora_rank=-1 must be at least 0"),
+    (["--lora_alpha=0"], "lora_alpha=0 must be positive"),
+    (["--height=33"], "height=33 must be a positive multiple of 16"),
+    (["--width=50"], "width=50 must be a positive multiple of 16"),
+    (["--height=0"], "height=0 must be a positive multiple of 16"),
+    (["--width=8"], "width=8 must be a positive multiple of 16"),
+    (["--save_every=0"], "save_every=0 must be at least 1"),
+    (["--log_every=0"], "log_every=0 must be at least 1"),
+    (["--eval_every=-1"], r"eval_every=-1 must be at least 0 \(0: never\)"),
+    (["--frames_per_block=0"], "frames_per_block=0 must be at least 1"),
+    (["--prompts_per_rank=0"], "prompts_per_rank=0 must be at least 1"),
+    (["--eval_frames=0"], "eval_frames=0 must be at least 1"),
+    (["--clip_frames=0"], "clip_frames=0 must be at least 1"),
+    (["--max_history_frames=-3"], "max_history_frames=-3 must be at least 0"),
+    (["--clip_start=-3"], "clip_start=-3 must be at least 0"),
+    (["--sink_frames=12"], "sink_frames=12 must be at most window_frames=9"),
+    (["--window_frames=2", "--clip_frames=3"], "window_frames=2 is smaller than one block"),
+    (["--gamma=1.5"], r"gamma=1.5 must lie in \[0, 1\]"),
+    (["--rho=2"], r"rho=2.0 must lie in \[0, 1\]"),
+    (["--lr=nan"], "lr=nan must be a finite number"),
+    (["--a_max=0"], "a_max=0.0 must be positive"),
+    (["--grad_clip=0"], "grad_clip=0.0 must be positive"),
+    (["--keep_checkpoints=0"], "keep_checkpoints=0 must be at least 1"),
+    (["--reward=colorfulness:nan"], "--reward: reward 'colorfulness' has a non-finite weight 'nan'"),
+    (["--reward=colorfulness:1,smoothness:inf"], "reward 'smoothness' has a non-finite weight 'inf'"),
+    (["--reward=no_such_module:fn:1"], "cannot import module 'no_such_module'"),
+    (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
+    (["--out_dir=README.md"], "out_dir='README.md' is a file"),
+    (["--clip_start=1023"], "past the generator's 1024-frame RoPE table"),
+])
+def test_train_rejects_bad_config_before_rollout(monkeypatch, args, msg):
+    monkeypatch.setattr(train, "train_step", lambda *a: pytest.fail("a step ran before the config was rejected"))
+    monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("evaluated before the config was rejected"))
+    with pytest.raises(SystemExit, match=msg) as err:
+        train.main(args)
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_train_rejects_empty_prompts_and_other_model_size(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit, match="has no prompts"):
+        train.main([f"--prompts={empty}"])
+    train.main(FAST + ["--steps=1", f"--out_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="differs from the checkpoint's in lora_rank: 8 -> 4"):
+        train.main(FAST + ["--steps=2", f"--out_dir={tmp_path}", "--resume=true", "--lora_rank=4"])
 
 
 def test_an_error_after_the_claim_leaves_no_empty_folder(tmp_path):
@@ -403,6 +470,38 @@ def test_sample_size_flags_set_the_video_size(tmp_path):
     assert imageio.mimread(str(out))[0].shape == (32, 48, 3)
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt", " "], "empty prompt"),
+    (["--prompt", "a", "--frames", "7"], "whole number"),
+    (["--prompt", "a|b", "--switch", "21", "--frames", "9"], "increasing latent frames"),
+    (["--prompt", "a|b|c", "--switch", "6,3", "--frames", "9"], "increasing latent frames"),
+    (["--prompt", "a|b", "--switch", "7", "--frames", "9"], "frame 7 would take effect at frame 9"),
+    (["--prompt", "a", "--base_lora_alpha", "0"], "--base_lora_alpha 0.0 must be positive"),
+    (["--prompt", "a|b"], "need 1 --switch"),
+    (["--prompt", "a", "--out", "/nonexistent/dir/x.mp4"], "cannot write"),
+    (["--prompt", "a", "--frames", "6", "--frames_per_block", "0"], "--frames_per_block 0 must be at least 1"),
+    (["--prompt", "a", "--sink", "-1"], "--sink -1 / --window 21"),
+    (["--prompt", "a", "--sink", "9", "--window", "6"], "--sink 9 / --window 6"),
+    (["--prompt", "a", "--window", "2"], "--window 2"),
+    (["--prompt", "a|b", "--frames", "6", "--switch", "abc"], "--switch 'abc' is not a comma-separated"),
+    (["--prompt", "a", "--out", "v.txt"], "--out 'v.txt' must end in .mp4"),
+    (["--prompt", "a", "--out", "video"], "--out 'video' must end in .mp4"),
+    (["--prompt", "a", "--device", "tpu"], "--device 'tpu' is not a torch device"),
+    (["--prompt", "a", "--lora", "/nonexistent/ckpt"], "--lora /nonexistent/ckpt does not exist"),
+    (["--prompt", "a", "--model", "/nonexistent/wan"], "--model /nonexistent/wan does not exist"),
+    (["--prompt", "a", "--checkpoint", os.path.abspath(__file__)], "need --model"),
+    (["--prompt", "a", "--frames", "1026"], "--frames 1026 is past the generator's 1024-frame RoPE table"),
+])
+def test_sample_rejects_bad_input_before_generating(tmp_path, monkeypatch, args, msg):
+    import sample
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated before rejecting the input"))
+    args = args if "--out" in args else args + ["--out", str(tmp_path / "v.mp4")]
+    with pytest.raises(SystemExit, match=re.escape(msg)):
+        sample.main(args + ["--device", "cpu"] * ("--device" not in args))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 # ------------------------------------------------------------------ report
 def test_report_draws_controls_beside_the_run_without_warnings(tmp_path, recwarn):
     run, ctl = tmp_path / "run.jsonl", tmp_path / "rand" / "log.jsonl"
@@ -416,6 +515,21 @@ def test_report_draws_controls_beside_the_run_without_warnings(tmp_path, recwarn
     one_line_error(lambda: train.main(["report", str(run), "--control", str(tmp_path / "none")]), "no log file")
 
 
+@pytest.mark.parametrize("content,msg", [
+    (None, "no log file"), ("", "has no rows with a step and a composite reward"),
+    ('{"step": 1, "eval/composite": 0.5}\n{oops\n', "line 2 is not JSON"),
+    ('{"step": 1, "time/rollout": 2.0}\n', "has no rows with a step and a composite reward"),
+])
+def test_report_refuses_logs_with_nothing_to_draw(tmp_path, content, msg):
+    path = tmp_path / "log.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit, match=msg):
+        train.main(["report", str(path)])
+    assert not (tmp_path / "log.png").exists()
+
+
+# ------------------------------------------ the generator, the cache, the loss, the rewards: errors before compute
 def test_generate_refuses_non_finite_noise_before_any_forward(wan, monkeypatch):
     from rollout import draw_noise, generate, new_cache
     shape = wan.latent_shape(3)
@@ -424,3 +538,107 @@ def test_generate_refuses_non_finite_noise_before_any_forward(wan, monkeypatch):
     monkeypatch.setattr(type(wan.model), "forward", lambda *a, **k: pytest.fail("a forward ran"))
     with pytest.raises(ValueError, match="noise holds non-finite"):
         generate(wan.model, None, noise, new_cache(wan.model, 1, shape, 3, 9, 3), 0, 3)
+
+
+def test_bad_input_is_rejected_before_compute(wan):
+    m, kv = wan.model, text_kv(wan)
+    with pytest.raises(ValueError, match="latents must be"):
+        m(torch.randn(16, 3, 8, 8), 0.0, kv)
+    with pytest.raises(ValueError, match="RoPE"):
+        m(torch.randn(1, 16, 3, 8, 8), 0.0, kv, start_frame=1022)
+    with pytest.raises(ValueError, match="smaller than one block"):
+        KVCache(2, 1, 12, 16, 2, 16, sink_frames=0, window_frames=2, frames_per_block=3)
+    with pytest.raises(ValueError, match="sink_frames=10"):
+        KVCache(2, 1, 12, 16, 2, 16, sink_frames=10, window_frames=9, frames_per_block=3)
+    with pytest.raises(ValueError, match="not a whole number"):
+        generate(m, kv, draw_noise(0, 1, (16, 4, 8, 8)), new_cache(m, 1, (16, 4, 8, 8), 3, 9, N))
+    cache = new_cache(m, 1, (16, 6, 8, 8), 3, 9, N)
+    cache.begin_block(0, 3)
+    with pytest.raises(ValueError, match="must start at frame 3"):
+        cache.begin_block(6, 3)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        wan.text_encoder([""])
+
+
+def test_forward_rejects_a_start_frame_the_cache_disagrees_with(wan):
+    m, kv = wan.model, text_kv(wan)
+    cache = new_cache(m, 1, (16, 6, 8, 8), 3, 9, N)
+    cache.begin_block(0, N)
+    x = torch.randn(1, 16, N, 8, 8)
+    with pytest.raises(ValueError, match="start_frame=3 but the cache is positioned at frame 0"):
+        m(x, 500.0, kv, cache, start_frame=3, store=True)
+    with pytest.raises(ValueError, match="timestep must be a float or hold 1 or B=2"):
+        m(torch.randn(2, 16, N, 8, 8), torch.full((2, N), 500.0), kv)
+
+
+def test_generate_rejects_switches_off_block_starts_and_frames_past_rope(wan):
+    m, kv = wan.model, text_kv(wan)
+    calls, forward = [], m.forward
+    m.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        for frames, msg in [((4,), r"switch at frame 4 would take effect at frame 6 .* past the last block of \[0, 6\)"),
+                            ((9,), r"switches \[9\] must be increasing frames in \[0, 6\)"), ((-3,), r"switches \[-3\]")]:
+            with pytest.raises(ValueError, match=msg):
+                generate(m, kv, draw_noise(5, 1, (16, 6, 8, 8)), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N),
+                         switches=[(f, kv) for f in frames])
+        with pytest.raises(ValueError, match=r"frames \[1020, 1026\) are past the 1024-position RoPE table"):
+            generate(m, kv, draw_noise(5, 1, (16, 6, 8, 8)), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N), 1020)
+        with pytest.raises(ValueError, match=r"noise must be \[B, 4, C, F, h, w\]"):
+            generate(m, kv, torch.randn(1, 16, 6, 8, 8), new_cache(m, 1, (16, 6, 8, 8), 3, 9, N))
+        with pytest.raises(ValueError, match="noise has batch 2, the cache batch 1"):
+            generate(m, kv, draw_noise(5, 2, (16, 3, 8, 8)), new_cache(m, 1, (16, 3, 8, 8), 3, 9, N))
+        with pytest.raises(ValueError, match=r"latent size 7x8 is not divisible by the patch \(2, 2\)"):
+            new_cache(m, 1, (16, 3, 7, 8), 3, 9, N)
+        with pytest.raises(ValueError, match="cache sizes must be positive ints"):
+            KVCache(2, 0, 12, 16, 2, 16, sink_frames=3, window_frames=9, frames_per_block=3)
+        with pytest.raises(ValueError, match="attend\\(\\) before begin_block"):
+            KVCache(2, 1, 12, 16, 2, 16, 3, 9, 3).attend(0, torch.randn(1, 48, 2, 16), torch.randn(1, 48, 2, 16), True)
+        assert calls == []  # every error came before the first forward
+    finally:
+        del m.forward
+
+
+def test_bad_input_errors():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, torch.randn(4, 2), x, torch.rand(4))
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, x, torch.randn(3, 3), torch.rand(4))
+    with pytest.raises(ValueError, match="shape"):
+        policy_loss(x, x, x, torch.rand(3))
+    with pytest.raises(ValueError, match="shape"):
+        kl_loss(x, torch.randn(4, 4), torch.tensor([True, False, False, False]))
+    with pytest.raises(ValueError, match="does not divide"):
+        advantages(torch.randn(10), group_size=4)
+    with pytest.raises(ValueError, match="nan"):
+        advantages(torch.tensor([1.0, float("nan"), 2.0, 3.0]), group_size=2)
+    with pytest.raises(ValueError, match="inf"):
+        advantages(torch.tensor([1.0, 0.0, float("inf"), 3.0]), group_size=2)
+    with pytest.raises(ValueError, match="shape"):
+        Controller().uncertainty_mask(torch.randn(5), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="auxiliaries.*nan"):
+        Controller().uncertainty_mask(torch.randn(3), torch.tensor([[0.0], [float("nan")], [1.0]]))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    reward_fn, frames = build_reward(DEFAULT_OFFLINE_SPEC), video(2, 9, 64, 64)
+    with pytest.raises(ValueError, match=r"\[0, 1\], got min .* max 1.5"):
+        reward_fn(frames * 1.5, ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\].*\[2, 9, 64, 64\]"):
+        reward_fn(frames[:, :, 0], ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\].*\[2, 9, 4, 64, 64\]"):
+        reward_fn(torch.cat([frames, frames[:, :, :1]], 2), ["a", "b"])
+    with pytest.raises(ValueError, match="list of 2 prompt strings"):
+        reward_fn(frames, ["a"])
+    with pytest.raises(ValueError, match="unknown reward 'hps'"):
+        build_reward("hps:1")
+    with pytest.raises(ValueError, match="must be name:weight"):
+        build_reward("colorfulness")
+    with pytest.raises(ValueError, match="needs paths\\['hpsv3'\\]"):
+        build_reward("hpsv3:1")
+    with pytest.raises(FileNotFoundError, match="nowhere/HPSv3.safetensors"):
+        build_reward("hpsv3:1", paths={"hpsv3": str(tmp_path / "nowhere/HPSv3.safetensors")})
+    with pytest.raises(FileNotFoundError, match="model_config.json"):
+        build_reward("videoalign_mq:1", paths={"videoalign": str(tmp_path)})
+    with pytest.raises(ValueError, match="has no function nope"):
+        build_reward("test_astrolabe:nope:1")
