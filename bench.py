@@ -166,6 +166,7 @@ def bench_generate(frames=21):
             report["profile_generator"] = profile(gen)
 
         # 2. decoder: diffusers' one-shot decode (reference), streaming, the layout and padding levers, compiled
+        torch.backends.cudnn.benchmark = False  # off for the references: one of the levers below (as the entry scripts)
         with FlopCounterMode(display=False) as fc:
             V.decode(vae, ref[:, :, :4])
         dflops = fc.get_total_flops() / (1 + 4 * 3) * (1 + 4 * (frames - 1))  # per pixel frame, scaled up
@@ -181,6 +182,7 @@ def bench_generate(frames=21):
                            ("+ compiled decoder (default on GPU)", True)]:
             if fast is not None:
                 t0 = time.perf_counter()
+                torch.backends.cudnn.benchmark = True
                 V.speed_up(vae, compile=fast)
                 V.Decoder(vae)(ref)
                 sync()
@@ -249,13 +251,13 @@ def bench_generate(frames=21):
 
 
 def eval_rows(wan, frames, seeds=4):
-    """evaluate.py and train.py's evaluation (evaluate.score_samples, 4 seeds of one prompt in one batch) through
+    """evaluate.py and train.py's evaluation (evaluation.score_samples, 4 seeds of one prompt in one batch) through
     fast.compiled against the eager path: the plain generator, then with three peft LoRA adapters as training has
     them (theta active, random nonzero weights). Agreement: max abs difference of the pixels in [0, 1]."""
     from peft import LoraConfig
 
     import fast
-    from evaluate import score_samples
+    from evaluation import score_samples
     from rewards import build_reward
     m, reward = wan.model, build_reward("colorfulness:1", DEV)  # an offline reward: generation and decode are timed
     amp, rows = lambda: torch.autocast(DEV.type, torch.bfloat16, enabled=DEV.type == "cuda"), []
@@ -282,7 +284,7 @@ def eval_rows(wan, frames, seeds=4):
         sync()
         setup = time.perf_counter() - t0
         out, t = timed(lambda: run(True), 1)
-        what = "evaluate.score_samples" + (", 3 LoRA adapters (train.py's evaluation)" if adapters else "")
+        what = "evaluation.score_samples" + (", 3 LoRA adapters (train.py's evaluation)" if adapters else "")
         px = seeds * (1 + 4 * (frames - 1))
         rows += [dict(part="evaluate", variant=f"{what}: eager (reference)", seconds=t_ref, fps_end_to_end=px / t_ref),
                  dict(part="evaluate", variant=f"{what}: compiled stages + decoder (fast.compiled)", seconds=t,
@@ -334,6 +336,9 @@ if __name__ == "__main__":
         raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|e2e|user] "
                          f"[train: --preset=self_forcing|longlive --rows=s:G,... --levers=a,b,... --no-flops "
                          f"--check-scaling]")
+    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: vae.py, above FAST)
+        torch.backends.cudnn.benchmark = True
+        torch._dynamo.config.recompile_limit = 64
     result = commands[args[0]]()
     if result is not None:
         device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"

@@ -39,14 +39,33 @@ BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops sta
 CEILING = 805e12  # bf16 dense matmul FLOP/s (README, Performance)
 
 
+def _gqa_sdpa_flop_count(query_shape, key_shape, value_shape):
+    """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
+    K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
+    h = query_shape[1]
+    return _SDPA_FLOP_COUNT(query_shape, (key_shape[0], h, *key_shape[2:]), (value_shape[0], h, *value_shape[2:]))
+
+
+_SDPA_FLOP_COUNT = fc.sdpa_flop_count
+
+
 class FlopCount(TorchDispatchMode):
     """FlopCounterMode's formulas (torch.utils.flop_counter.flop_registry: matmuls, convolutions, attention, forward
     and backward) without its module tracker, whose hooks keep the activations gradient checkpointing frees (the
-    step ran out of memory under FlopCounterMode). Ops outside the registry count nothing (norms, elementwise)."""
+    step ran out of memory under FlopCounterMode). Ops outside the registry count nothing (norms, elementwise).
+    While counting, torch's SDPA formula counts grouped K/V heads (_gqa_sdpa_flop_count); restored after."""
 
     def __init__(self):
         super().__init__()
         self.total = 0
+
+    def __enter__(self):
+        fc.sdpa_flop_count = _gqa_sdpa_flop_count
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fc.sdpa_flop_count = _SDPA_FLOP_COUNT
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -56,18 +75,6 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
-def _gqa_sdpa_flops():
-    """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
-    K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
-    plain = fc.sdpa_flop_count
-
-    def grouped(query_shape, key_shape, value_shape):
-        h = query_shape[1]
-        return plain(query_shape, (key_shape[0], h, *key_shape[2:]), (value_shape[0], h, *value_shape[2:]))
-    fc.sdpa_flop_count = grouped
-
-
-_gqa_sdpa_flops()
 COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
 
 
@@ -92,7 +99,7 @@ def counted(name, fn):
 
 
 def instrument(ctx):
-    """Phase FLOPs at train.Laps' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
+    """Phase FLOPs at train.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
     (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
     def lap_hook(name):
         if COUNTER is not None:

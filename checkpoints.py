@@ -146,17 +146,6 @@ def merge_lora(transformer, sd, alpha=None, source="LoRA"):
     return transformer
 
 
-def check_trained(path):
-    """That `path` is a train.py checkpoint folder (before any generator is built); returns its weights file."""
-    for name in ("adapter_model.safetensors", "transformer.safetensors"):
-        if os.path.isfile(os.path.join(path, name)):
-            if name.startswith("adapter") and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-                raise FileNotFoundError(f"{path} holds {name} but no adapter_config.json: not a whole checkpoint")
-            return os.path.join(path, name)
-    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither adapter_model.safetensors "
-                            f"nor transformer.safetensors")
-
-
 # the files diffusers' from_pretrained reads for each part of a Wan2.1 folder
 MODEL_FILES = ("transformer/config.json", "text_encoder/config.json", "vae/config.json", "tokenizer")
 
@@ -170,20 +159,42 @@ def check_model_dir(model, parts=MODEL_FILES):
         raise FileNotFoundError(f"{model} is not a diffusers Wan2.1 folder: it lacks {', '.join(missing)}")
 
 
+# A train.py checkpoint folder (ckpt-NNNNNN; policy.save_checkpoint writes it, the readers below and export.py read
+# it): each policy's weights, peft's adapter config beside LoRA weights, and the run state (step, optimizer,
+# controller, config, RNG). theta is the LoRA adapter (peft's format: peft and sample.py --lora read it) or, for full
+# fine-tuning, the whole transformer; theta_old and theta_ref lie beside it in the same layout.
+THETA_FILES = {True: "adapter_model.safetensors", False: "transformer.safetensors"}  # by LoRA or not
 TRAINED_FILES = {"old": "old.safetensors", "ref": "ref.safetensors"}  # theta_old, theta_ref beside theta
+ADAPTER_CONFIG, STATE = "adapter_config.json", "state.pt"
+
+
+def trained_files(lora):
+    """{policy name: file} of a checkpoint folder (policy.Policy.NAMES: default = theta, old, ref)."""
+    return {"default": THETA_FILES[lora], **TRAINED_FILES}
+
+
+def check_trained(path):
+    """That `path` is a train.py checkpoint folder (before any generator is built); returns its weights file."""
+    for lora, name in THETA_FILES.items():
+        if os.path.isfile(os.path.join(path, name)):
+            if lora and not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+                raise FileNotFoundError(f"{path} holds {name} but no {ADAPTER_CONFIG}: not a whole checkpoint")
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path} is not a train.py checkpoint folder: it holds neither {THETA_FILES[True]} "
+                            f"nor {THETA_FILES[False]}")
 
 
 def load_trained(transformer, path, which="theta"):
     """Fold a train.py checkpoint folder into the generator: a LoRA adapter (peft format) or full weights.
     which: theta (the trained policy), old or ref (the other two policies the folder keeps)."""
-    if check_trained(path).endswith("adapter_model.safetensors"):
-        config = read_json(os.path.join(path, "adapter_config.json"))
+    lora = check_trained(path).endswith(THETA_FILES[True])
+    file = os.path.join(path, TRAINED_FILES.get(which, THETA_FILES[lora]))
+    if lora:
+        config = read_json(os.path.join(path, ADAPTER_CONFIG))
         alpha = config.get("lora_alpha") if isinstance(config, dict) else None
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"{path}/adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
-        file = os.path.join(path, TRAINED_FILES.get(which, "adapter_model.safetensors"))
+            raise ValueError(f"{path}/{ADAPTER_CONFIG}: lora_alpha must be a positive number, got {alpha!r}")
         return merge_lora(transformer, read_safetensors(file), alpha, file)
-    file = os.path.join(path, TRAINED_FILES.get(which, "transformer.safetensors"))
     return load_wan_state_dict(transformer, read_safetensors(file), file)
 
 

@@ -1,48 +1,48 @@
 """Run configuration (nanoGPT habit): a dataclass of every knob, presets for the real generators, and
 `--key=value` overrides on the command line; plus the checks that must pass before any rollout starts."""
 import dataclasses
-import importlib
 import math
 import os
 from dataclasses import dataclass
 
-from rewards import DEFAULT_OFFLINE_SPEC, OFFLINE, VIDEOALIGN_AXES, parse_spec
+# the offline stand-ins of rewards.py, one per axis: a run without reward weights still trains on three rewards
+DEFAULT_OFFLINE_SPEC = "colorfulness:1,smoothness:1,prompt_color:1"
 
 
 @dataclass
 class Config:
     # generator (None: the tiny built-in model); see checkpoints.load
-    model: str = None
-    checkpoint: str = None
-    checkpoint_key: str = None
-    base_lora: str = None
+    model: str = None             # diffusers Wan2.1-T2V folder
+    checkpoint: str = None        # original-layout generator on top of it (Self-Forcing, Causal-Forcing, LongLive, Krea)
+    checkpoint_key: str = None    # entry of checkpoint to use (generator_ema, generator)
+    base_lora: str = None         # LongLive lora.pt, merged into the base
     base_lora_alpha: float = None  # LoRA alpha of base_lora (LongLive's lora.pt stores none): W + alpha / r B A;
     #                                None: alpha = r, read from the tensors (scale 1, as LongLive's 256 / 256)
     # prompts, one per line
-    prompts: str = "prompts/train.txt"
-    eval_prompts: str = "prompts/eval.txt"
+    prompts: str = "prompts/train.txt"     # training prompts
+    eval_prompts: str = "prompts/eval.txt"  # held-out prompts (evaluation every eval_every steps)
     # streaming rollout (latent frames); video size in pixels, a multiple of 16 = VAE stride 8 x patch 2
     # (None: the generator's default)
     height: int = 32              # the tiny demo decodes 32x32 frames (4.6x faster than 64x64, as learnable)
-    width: int = 32
-    frames_per_block: int = 3
-    sink_frames: int = 3
-    window_frames: int = 9
-    clip_frames: int = 3
+    width: int = 32               # pixels, as height
+    frames_per_block: int = 3     # latent frames generated together (one block)
+    sink_frames: int = 3          # first frames kept in the KV cache for good (Sec. 3)
+    window_frames: int = 9        # most recent frames attended besides the sink (paper: 21, LongLive 15)
+    clip_frames: int = 3          # latent frames of each candidate clip (trained)
     max_history_frames: int = 3   # clip start s: random block multiple in [0, this] (Streaming Long Tuning)
     clip_start: int = None        # or always this s
     # RL
-    prompts_per_rank: int = 2
+    prompts_per_rank: int = 2     # prompts per step on each rank (one group of G each)
     group_size: int = 16          # G candidates per prompt
     micro_batch: int = 16         # candidates per rollout / training forward
-    beta: float = 1.0
-    a_max: float = 5.0
-    kl_weight: float = 1e-4
+    beta: float = 1.0             # Eq. 2: x0_plus = (1 - beta) x0_old + beta x0_theta
+    a_max: float = 5.0            # Eq. 4: advantages clipped to [-a_max, a_max], r = 0.5 + 0.5 A / a_max
+    kl_weight: float = 1e-4       # lambda_KL of the selective KL
     gamma: float = 0.0            # theta_old EMA; the tiny demo lets theta_old = theta (fast, no trust region)
-    tau_kl: float = 0.15
-    k_max: int = 15
-    rho: float = 0.1
-    reward: str = DEFAULT_OFFLINE_SPEC
+    tau_kl: float = 0.15          # dynamic reference: theta_ref <- theta when the step's KL passes this
+    k_max: int = 15               # ... or after this many steps
+    rho: float = 0.1              # uncertainty mask: initial fraction of risky samples (adapts in [0.02, 0.2])
+    reward: str = DEFAULT_OFFLINE_SPEC  # name:weight,... (rewards.py: hpsv3, videoalign_mq/_ta/_vq, offline, module:function)
     hpsv3: str = None             # HPSv3.safetensors
     hpsv3_tokenizer: str = None   # Qwen2-VL-7B-Instruct tokenizer folder (default: the Hub name)
     videoalign: str = None        # VideoReward checkpoint folder
@@ -50,11 +50,11 @@ class Config:
     # optimisation
     lora_rank: int = 8            # 0: full fine-tuning (three copies; FSDP2 under torchrun)
     fsdp_per_block: bool = True   # FSDP2 unit: each transformer block (False: the whole generator; policy.shard)
-    lora_alpha: int = 8
-    lr: float = 2e-2
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
+    lora_alpha: int = 8           # LoRA scale alpha / r
+    lr: float = 2e-2              # AdamW learning rate (paper: 1e-5)
+    weight_decay: float = 1e-4    # AdamW
+    grad_clip: float = 1.0        # gradient norm clip
+    gradient_checkpointing: bool = False  # recompute each block in the backward (the paper sizes need it)
     # the training step's fast paths (fast_train.py), each switchable so bench.py train can measure its gain. Off
     # until measured on a GPU (README, "One RL step at the paper's scale"): each is checked against the eager step
     # on the CPU only, where the GPU-only ones (compiling, cuDNN) do nothing
@@ -63,18 +63,18 @@ class Config:
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
     compile_train: bool = False    # compiled block stages for theta's forward and backward (CUDA)
     checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
-    steps: int = 100
-    seed: int = 0
+    steps: int = 100              # optimizer steps of the run (with resume: in all)
+    seed: int = 0                 # every draw is a function of (seed, step, prompt place): reproducible
     # output
-    out_dir: str = "out"
+    out_dir: str = "out"          # log.jsonl, checkpoints ckpt-NNNNNN, samples/
     log: str = "jsonl"            # where the log goes: jsonl, plus tensorboard and/or wandb (logs.py)
     log_every: int = 1            # a log row every this many steps (>= 1); evaluation rows are always logged
     eval_every: int = 25          # evaluate every this many steps and at the end; 0: never
-    eval_frames: int = 3
+    eval_frames: int = 3          # latent frames of each held-out video
     eval_seeds: int = 16          # fixed noises per held-out prompt: the same samples at every evaluation (paired)
     save_every: int = 100         # a checkpoint every this many steps (>= 1) and at the end
     keep_checkpoints: int = 1     # how many of the newest ckpt-* folders to keep
-    resume: bool = False
+    resume: bool = False          # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False       # a fresh run into a folder holding a run: move that run aside (run_dir.claim)
 
 
@@ -126,8 +126,25 @@ def _value(key, text, t, nullable):
         raise SystemExit(f"error: --{key}={text!r} is not {'an int' if t is int else 'a number'}") from None
 
 
+def usage():
+    """--help: every field as --key=default with its comment from Config's source, under its section comment."""
+    import inspect
+    out = [f"python train.py [--preset=NAME] [--key=value ...]   presets: {', '.join(PRESETS)} (default tiny)", ""]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        code, _, note = line.strip().partition("#")
+        if not code:
+            out.append(" " * 39 + note.strip() if note.startswith("   ") else "# " + note.strip())
+        else:
+            name = code.split(":")[0]
+            out.append(f"  {f'--{name}={getattr(Config, name)}':<36} {note.strip()}")
+    return "\n".join(out)
+
+
 def parse_config(argv):
-    """--preset=NAME first, then --key=value for any Config field; unknown names are errors."""
+    """--preset=NAME first, then --key=value for any Config field; unknown names are errors; --help lists them."""
+    if {"--help", "-h"} & set(argv):
+        print(usage())
+        raise SystemExit(0)
     kv = {}
     for a in argv:
         if not a.startswith("--") or "=" not in a:
@@ -224,49 +241,25 @@ def check_config(cfg):
         raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
 
 
-def check_rewards(names, cfg):
-    """Every reward of the spec can be built (build_reward would fail only after loading the models named before
-    it): a known name, its model's path given, a module:function that imports."""
-    flags = {"hpsv3": ("hpsv3", "HPSv3.safetensors"),
-             **{k: ("videoalign", "the VideoReward folder") for k in VIDEOALIGN_AXES}}
-    for name in names:
-        if name in flags:
-            key, what = flags[name]
-            if getattr(cfg, key) is None:
-                raise SystemExit(f"error: --reward uses {name}, which needs --{key}=PATH ({what})")
-        elif name not in OFFLINE:
-            module, _, attr = name.partition(":")
-            if not attr:
-                raise SystemExit(f"error: --reward: unknown reward {name!r}: use {[*OFFLINE, *flags]} or "
-                                 f"module:function")
-            try:
-                mod = importlib.import_module(module)
-            except ImportError as e:
-                raise SystemExit(f"error: --reward: reward {name!r}: cannot import module {module!r} ({e})") from None
-            if not callable(getattr(mod, attr, None)):
-                raise SystemExit(f"error: --reward: reward {name!r}: module {module} has no function {attr}")
-
-
-def check_paths(cfg, generator=True, rewards=True):
-    """The files a run will load (the generator's, the rewards' the spec uses) exist, and a model folder holds what
-    diffusers reads, before loading any and before out_dir is claimed."""
-    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
-    check_rewards(names, cfg)
-    if generator and cfg.model is None and (cfg.checkpoint or cfg.base_lora):
-        raise SystemExit("error: checkpoint and base_lora need model=PATH, the diffusers Wan2.1 folder they build on")
-    paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
-    paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
-                 videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
-                 videoalign_base=cfg.videoalign_base if any(k.startswith("videoalign_") for k in names) else None)
-    for k, path in paths.items():
-        if path is not None and not os.path.exists(path):
-            raise SystemExit(f"error: {k}={path!r} does not exist")
-    if generator and cfg.model is not None:
-        from checkpoints import check_model_dir  # (imports diffusers: only when a folder is named)
+def parse_spec(spec):
+    """'name:weight,...' -> [(name, weight)]: names unique, weights finite (a NaN weight makes every composite NaN)."""
+    terms = []
+    for term in filter(None, map(str.strip, spec.split(","))):
+        name, _, weight = term.rpartition(":")
         try:
-            check_model_dir(cfg.model)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: model={cfg.model!r}: {e}") from None
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"reward term {term!r} must be name:weight") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward {name!r} has a non-finite weight {weight!r}")
+        if not name or name in dict(terms) or name == "composite":
+            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
+        terms.append((name, w))
+    if not terms:
+        raise ValueError(f"empty reward spec {spec!r}")
+    if not any(w for _, w in terms):  # a zero composite gives zero advantages: the whole run would train nothing
+        raise ValueError(f"reward spec {spec!r} has no nonzero weight: the composite would be 0 and nothing trained")
+    return terms
 
 
 def check_frames(cfg, max_frames):

@@ -42,19 +42,19 @@ p.add_argument("--dtype", default="bfloat16", help="bfloat16 (as the upstream ch
 def read_run(path):
     """The checkpoint's training config, step and LoRA settings; every problem is one SystemExit line, before
     any weight is read."""
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "state.pt")):
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, C.STATE)):
         raise SystemExit(f"error: {path} is not a train.py checkpoint folder (a ckpt-NNNNNN folder with state.pt)")
-    state = read_torch(os.path.join(path, "state.pt"))
+    state = read_torch(os.path.join(path, C.STATE))
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
         raise SystemExit(f"error: {path}/state.pt is not a train.py checkpoint state (no config or step)")
-    lora = os.path.isfile(os.path.join(path, "adapter_config.json"))
-    if not lora and not os.path.isfile(os.path.join(path, "transformer.safetensors")):
-        raise SystemExit(f"error: {path} holds neither adapter_config.json nor transformer.safetensors")
+    lora = os.path.isfile(os.path.join(path, C.ADAPTER_CONFIG))
+    if not lora and not os.path.isfile(os.path.join(path, C.THETA_FILES[False])):
+        raise SystemExit(f"error: {path} holds neither {C.ADAPTER_CONFIG} nor {C.THETA_FILES[False]}")
     cfg = state["config"]
     for key in ("model", "checkpoint", "base_lora"):  # the base the policy was trained on must be where it was
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise SystemExit(f"error: the base {key} {cfg[key]} this checkpoint was trained on does not exist")
-    alpha = read_json(os.path.join(path, "adapter_config.json")).get("lora_alpha") if lora else None
+    alpha = read_json(os.path.join(path, C.ADAPTER_CONFIG)).get("lora_alpha") if lora else None
     return cfg, state["step"], lora, alpha
 
 
@@ -99,7 +99,7 @@ def longlive_lora(a, cfg, alpha, dtype):
     trained adapter's alpha / r. Keys as LongLive's get_peft_model_state_dict writes them:
     base_model.model.<original-Wan module>.lora_A/lora_B.weight."""
     from files import read_safetensors
-    name = "adapter_model.safetensors" if a.which == "theta" else C.TRAINED_FILES[a.which]
+    name = C.THETA_FILES[True] if a.which == "theta" else C.TRAINED_FILES[a.which]
     pairs = {}
     trained = read_safetensors(os.path.join(a.checkpoint, name))
     for src, a_src in ((C.read_checkpoint(cfg["base_lora"]), cfg.get("base_lora_alpha")), (trained, alpha)):

@@ -49,8 +49,6 @@ def configure(ctx, cfg, compile=None):
     compile: use torch.compile (default: on CUDA)."""
     cuda = ctx.device.type == "cuda"
     compile = cuda if compile is None else compile
-    if compile:  # below the default limit of 8, dynamo would fall back to eager without a word (vae.speed_up)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     pol, model, vae = ctx.policy, ctx.policy.model, ctx.wan.vae
     pol.use_merged = cfg.merged_rollouts and pol.lora
     if pol.merge_old() is not None:

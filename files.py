@@ -1,12 +1,13 @@
 """Checkpoint, config and log files: reading them with one clear error naming the bad file, and writing them
 durably (fsync before the rename, then the folder), so a crash or a power loss never leaves a renamed but
-incomplete file. Imports nothing of the repository: every other module may use it."""
+incomplete file; videos written the same way (VideoFile). Imports nothing of the repository: every other module may use it."""
 import json
 import os
 import pickle
 import re
 import zipfile
 
+import imageio
 import torch
 
 
@@ -97,3 +98,36 @@ def remove_stale_tmp(folder):
         if found and not pid_alive(int(found.group(1))):
             os.remove(os.path.join(folder, name))
             print(f"removed {os.path.join(folder, name)}, left by an interrupted write")
+
+
+class VideoFile:
+    """An mp4 written frame by frame as blocks are decoded, under a temporary name renamed when complete:
+    memory stays bounded by a block, and a crash never leaves a half-written file at `path`."""
+
+    def __init__(self, path, fps=16):
+        self.path = path
+        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        self.writer = imageio.get_writer(self.tmp, fps=fps, format="FFMPEG", macro_block_size=1)
+        self.frames = 0
+
+    def write(self, frames):
+        """frames [F, 3, H, W] in [0, 1]"""
+        for f in (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+            self.writer.append_data(f)
+        self.frames += frames.shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):
+        self.writer.close()
+        if error is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def save_video(frames, path, fps=16):
+    """frames [F, 3, H, W] in [0, 1] -> mp4, never half-written."""
+    with VideoFile(path, fps) as video:
+        video.write(frames)

@@ -7,6 +7,7 @@ add a gather of every block to each of the rollout's many forwards (README, Trai
 Full fine-tuning (lora_rank=0): three copies, sharded with FSDP2 under torchrun, one unit per transformer block
 (see shard). loss.ema_ / loss.copy_ update `old` and `ref` through the parameter lists this module hands out.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,8 +20,8 @@ import torch
 import loss as L
 from config import resume_changes
 from files import read_safetensors, read_torch, replace_durably, write_text_durably
-from checkpoints import check_finite
-from model import CausalWan
+from checkpoints import ADAPTER_CONFIG, STATE, check_finite, trained_files
+from model import CausalWan, to_x0
 from rollout import clip_velocity
 
 CKPT = re.compile(r"ckpt-\d{6}")  # the folders save_checkpoint writes; `latest` must name one of them
@@ -40,9 +41,10 @@ class Policy:
             tr.requires_grad_(False)
             targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
             self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
-            for name in self.NAMES:
-                tr.add_adapter(self.lora_config, adapter_name=name)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
+                for name in self.NAMES:
+                    tr.add_adapter(self.lora_config, adapter_name=name)
             self.nets = dict.fromkeys(self.NAMES, self.model)
         else:
             import copy
@@ -56,6 +58,31 @@ class Policy:
             L.copy_(self.params(name), self.params("default"))
         self.net("default")
         self.merged, self.use_merged = None, False  # theta_old folded into a plain copy (merge_old)
+        self.n = cfg.frames_per_block
+        # theta's training forward as one module call: under torchrun DDP then sees one forward per backward
+        self.train_net = ClipForward(self.model, self.n)
+        if world > 1 and self.lora:
+            self.train_net = torch.nn.parallel.DistributedDataParallel(self.train_net, broadcast_buffers=False)
+
+    def x0(self, name, x_t, sigma, text, cache, start, text_kv=None):
+        """Eq. 1-2's x0 = x_t - sigma v of policy `name` for a clip's noisy blocks x_t [m, C, F, h, w] at noise
+        levels sigma [m], in the rollout's attention layout (rollout.clip_velocity over `cache`): theta ("default")
+        with gradients, through train_net; theta_old ("old": rollout_net) and theta_ref ("ref") without. text: the
+        prompt's umT5 embedding; text_kv: the policy's text K/V where already at hand (theta_old's, from the
+        rollout). theta is the active adapter again on return, whichever policy ran."""
+        if name == "default":
+            return to_x0(x_t, self.train_net(text, x_t, sigma, cache, start), sigma)
+        with torch.no_grad(), self.using(name) as net:
+            v = clip_velocity(net, x_t, sigma, net.text_kv(text) if text_kv is None else text_kv, cache, start, self.n)
+        return to_x0(x_t, v, sigma)
+
+    @contextlib.contextmanager
+    def using(self, name):
+        """The CausalWan computing policy `name` ("old": rollout_net) for the enclosed work; theta after it."""
+        try:
+            yield self.rollout_net() if name == "old" else self.net(name)
+        finally:
+            self.net("default")
 
     def rollout_net(self):
         """The CausalWan for theta_old's no-grad work (history, clip rollouts, clip-cache recompute, x0_old;
@@ -140,8 +167,6 @@ def shard(net, per_block=True, master_fp32=True):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if gpu else MixedPrecisionPolicy()
     if gpu:
         net.param_dtype = torch.bfloat16
-    # FSDP2 warns that a unit returns views (text K/V, velocities): nothing here changes them in place
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
     def fp32(module):  # before sharding, one unit at a time: only one unit is ever whole in fp32
         for p in module.parameters() if gpu and master_fp32 else ():
@@ -166,11 +191,6 @@ class ClipForward(torch.nn.Module):
 
     def forward(self, text, x_t, sigma, cache, start):
         return clip_velocity(self.model, x_t, sigma, self.model.text_kv(text), cache, start, self.n)
-
-
-def _files(policy):
-    return {"default": "adapter_model.safetensors" if policy.lora else "transformer.safetensors",
-            "old": "old.safetensors", "ref": "ref.safetensors"}
 
 
 def full_tensor(t):
@@ -202,13 +222,13 @@ def save_checkpoint(step, cfg, ctx):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, file in _files(ctx.policy).items():
+    for name, file in trained_files(ctx.policy.lora).items():
         save_file(tensors[name], os.path.join(tmp, file))
     if ctx.policy.lora:  # peft's adapter format: sample.py --lora and peft can read it
-        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(ctx.policy.lora_config.to_dict(), f, default=sorted, indent=1)
     torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+                "rng": torch.get_rng_state()}, os.path.join(tmp, STATE))
     shutil.rmtree(final, ignore_errors=True)
     replace_durably(tmp, final)
     write_text_durably(os.path.join(cfg.out_dir, "latest"), os.path.basename(final))
@@ -232,7 +252,7 @@ def load_checkpoint(cfg, ctx):
     path = os.path.join(cfg.out_dir, name)
     if not os.path.isdir(path):
         raise SystemExit(f"error: {pointer} names {path}, which does not exist")
-    state_file = os.path.join(path, "state.pt")
+    state_file = os.path.join(path, STATE)
     state = read_torch(state_file)
     missing = {"step", "optimizer", "controller", "config", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
@@ -241,7 +261,7 @@ def load_checkpoint(cfg, ctx):
         raise SystemExit(f"error: --steps={cfg.steps}: {path} is already at step {state['step']}; ask for more steps")
     changes = resume_changes(state["config"], cfg)
     with torch.no_grad():
-        for name, file in _files(ctx.policy).items():
+        for name, file in trained_files(ctx.policy.lora).items():
             file = os.path.join(path, file)
             saved, mine = read_safetensors(file), dict(ctx.policy.named(name))
             check_finite(saved, file)

@@ -70,7 +70,6 @@ class QwenReward(nn.Module):
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
         self.model, self.rm_head, self.pixels = Qwen2VLModel._from_config(config, dtype=dtype), head, pixels
         self.tokenizer, vocab = tokenizer, tokenizer.get_vocab()
-        tokenizer.padding_side = "right"  # as both trainers
         missing = [t for t in ("<|image_pad|>", "<|video_pad|>", *self.TOKENS) if t not in vocab]
         if missing or len(tokenizer) != config.text_config.vocab_size:
             raise ValueError(f"tokenizer ({len(tokenizer)} tokens, lacking {missing}) does not fit the "
@@ -83,7 +82,8 @@ class QwenReward(nn.Module):
         dev = lm.embed_tokens.weight.device
         pixels, grid = to_patches(clips.to(dev), *self.pixels)
         pad = ("<|video_pad|>" if video else "<|image_pad|>") * (int(grid[0].prod()) // 4)  # 2x2 merger
-        enc = self.tokenizer([CHAT.format(vision=pad, text=t) for t in texts], padding=True, return_tensors="pt")
+        enc = self.tokenizer([CHAT.format(vision=pad, text=t) for t in texts], padding=True, return_tensors="pt",
+                             padding_side="right")  # as both trainers pad (the caller's tokenizer left as it is)
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
         embeds = lm.embed_tokens(ids)
         feats = self.model.visual(pixels.to(embeds.dtype), grid_thw=grid).pooler_output

@@ -10,11 +10,9 @@ from functools import partial
 
 import torch
 
+from config import DEFAULT_OFFLINE_SPEC, parse_spec  # noqa: F401 (DEFAULT_OFFLINE_SPEC: for callers)
 from offload import resident
 from reward_models import load_hpsv3, load_videoalign, luma, top30_mean
-
-DEFAULT_OFFLINE_SPEC = "colorfulness:1,smoothness:1,prompt_color:1"
-
 
 def colorfulness(frames, prompts):
     """VQ stand-in: Hasler & Suesstrunk (2003) colourfulness of each frame, top-30% frame reduction."""
@@ -132,27 +130,6 @@ def _finite(name, r, prompts):
     return r
 
 
-def parse_spec(spec):
-    """'name:weight,...' -> [(name, weight)]: names unique, weights finite (a NaN weight makes every composite NaN)."""
-    terms = []
-    for term in filter(None, map(str.strip, spec.split(","))):
-        name, _, weight = term.rpartition(":")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(f"reward term {term!r} must be name:weight") from None
-        if not math.isfinite(w):
-            raise ValueError(f"reward {name!r} has a non-finite weight {weight!r}")
-        if not name or name in dict(terms) or name == "composite":
-            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
-        terms.append((name, w))
-    if not terms:
-        raise ValueError(f"empty reward spec {spec!r}")
-    if not any(w for _, w in terms):  # a zero composite gives zero advantages: the whole run would train nothing
-        raise ValueError(f"reward spec {spec!r} has no nonzero weight: the composite would be 0 and nothing trained")
-    return terms
-
-
 def build_reward(spec, device="cpu", paths=None):
     """spec: comma-separated name:weight terms; a name is an offline reward (colorfulness, smoothness,
     prompt_color), a model reward (hpsv3, videoalign_vq/_mq/_ta) or module:function on (frames, prompts).
@@ -188,3 +165,26 @@ def build_reward(spec, device="cpu", paths=None):
         fns.append(fn)
         owners.append(models.get(key))
     return CompositeReward(names, weights, fns, owners)
+
+
+def check_rewards(names, cfg):
+    """Every reward of the spec can be built (build_reward would fail only after loading the models named before
+    it): a known name, its model's path given, a module:function that imports."""
+    flags = {"hpsv3": ("hpsv3", "HPSv3.safetensors"),
+             **{k: ("videoalign", "the VideoReward folder") for k in VIDEOALIGN_AXES}}
+    for name in names:
+        if name in flags:
+            key, what = flags[name]
+            if getattr(cfg, key) is None:
+                raise SystemExit(f"error: --reward uses {name}, which needs --{key}=PATH ({what})")
+        elif name not in OFFLINE:
+            module, _, attr = name.partition(":")
+            if not attr:
+                raise SystemExit(f"error: --reward: unknown reward {name!r}: use {[*OFFLINE, *flags]} or "
+                                 f"module:function")
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise SystemExit(f"error: --reward: reward {name!r}: cannot import module {module!r} ({e})") from None
+            if not callable(getattr(mod, attr, None)):
+                raise SystemExit(f"error: --reward: reward {name!r}: module {module} has no function {attr}")

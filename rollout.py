@@ -155,31 +155,44 @@ class Group:
 
 
 @torch.no_grad()
-def group_rollout(model, text_kv, history_noise, clip_noise, sink_frames, window_frames, frames_per_block=3,
-                  micro_batch=None, on_history=None):
-    """Paper Eq. 3: generate the history once, freeze its cache as a shared prefix, then decode the
-    G candidate clips of clip_noise [G, steps, C, clip_frames, h, w] from it in micro-batches.
-    Everything returned is detached; Group.clip_cache gives the training forward its cache.
-    on_history(): called between the two (train.py times them apart)."""
-    G, _, C, clip_frames, h, w = clip_noise.shape
-    s = history_noise.shape[3]
+def history_rollout(model, text_kv, history_noise, sink_frames, window_frames, frames_per_block=3):
+    """A group's shared history (Streaming Long Tuning): its s frames generated once, no grad, from noise
+    [1, steps, C, s, h, w]. Returns the clean latents and their cache, detached: the frozen prefix of Eq. 3."""
+    _, _, C, s, h, w = history_noise.shape
     if history_noise.shape[0] != 1:
         raise ValueError(f"history noise must have batch 1, got {tuple(history_noise.shape)}")
-    if s % frames_per_block or clip_frames % frames_per_block:
-        raise ValueError(f"history ({s}) and clip ({clip_frames}) must be whole {frames_per_block}-frame blocks")
-    if clip_frames > window_frames:
-        raise ValueError(f"clip_frames={clip_frames} exceeds window_frames={window_frames}: the clip's own "
+    if s % frames_per_block:
+        raise ValueError(f"history ({s}) must be whole {frames_per_block}-frame blocks")
+    cache = new_cache(model, 1, (C, s, h, w), sink_frames, window_frames, frames_per_block)
+    return generate(model, text_kv, history_noise, cache, 0, frames_per_block), cache.detach_()
+
+
+@torch.no_grad()
+def candidate_rollouts(model, text_kv, history, cache, clip_noise, frames_per_block=3, micro_batch=None):
+    """Paper Eq. 3: the G candidate clips of clip_noise [G, steps, C, clip_frames, h, w], each continuing the
+    shared history from its cache (viewed, never copied), in micro-batches. Returns the Group (detached);
+    Group.clip_cache gives the training forward its cache."""
+    G, _, C, clip_frames, h, w = clip_noise.shape
+    s = history.shape[2]
+    if clip_frames % frames_per_block:
+        raise ValueError(f"clip ({clip_frames}) must be whole {frames_per_block}-frame blocks")
+    if clip_frames > cache.window:
+        raise ValueError(f"clip_frames={clip_frames} exceeds window_frames={cache.window}: the clip's own "
                          f"blocks would leave the window it is trained in")
-    history_cache = new_cache(model, 1, (C, s, h, w), sink_frames, window_frames, frames_per_block)
-    history = generate(model, text_kv, history_noise, history_cache, 0, frames_per_block)
-    on_history and on_history()
     clips = torch.empty(G, C, clip_frames, h, w, device=clip_noise.device)
     m = micro_batch or G
     for i in range(0, G, m):  # each micro-batch appends to its own buffers after the shared (viewed) prefix;
         # forked inline, so the previous micro-batch's buffers (10.3 GB for 3 candidates at 1.3B) are freed first
         clips[i:i + m] = generate(model, text_kv, clip_noise[i:i + m],
-                                  history_cache.fork(min(m, G - i), clip_frames, frames_per_block), s, frames_per_block)
-    return Group(history, clips, history_cache.detach_(), s)
+                                  cache.fork(min(m, G - i), clip_frames, frames_per_block), s, frames_per_block)
+    return Group(history, clips, cache, s)
+
+
+def group_rollout(model, text_kv, history_noise, clip_noise, sink_frames, window_frames, frames_per_block=3,
+                  micro_batch=None):
+    """The history once, then the G candidates from it (Eq. 3): history_rollout, then candidate_rollouts."""
+    history, cache = history_rollout(model, text_kv, history_noise, sink_frames, window_frames, frames_per_block)
+    return candidate_rollouts(model, text_kv, history, cache, clip_noise, frames_per_block, micro_batch)
 
 
 def clip_velocity(model, x_t, sigma, text_kv, cache, start, frames_per_block=3):

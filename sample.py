@@ -15,14 +15,13 @@ import signal
 import sys
 import time
 
-import imageio
 import torch
 
 import checkpoints as C
 import vae as V
 from config import read_prompts
 from fast import PAYS_FROM_FRAMES, wanted
-from files import remove_stale_tmp
+from files import VideoFile, remove_stale_tmp
 from rollout import draw_noise, generate, new_cache, switch_starts
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,39 +53,6 @@ p.add_argument("--fast", type=int, default=None, choices=(0, 1, 2),
                help="compiled block stages and decoder after a warm-up (1, on a GPU) or the eager path (0); 2 "
                     "compiles on any device (the tests' check of the warm-up); default: 1 on a GPU when the "
                     f"videos hold at least {PAYS_FROM_FRAMES} latent frames in all (where the warm-up pays), else 0")
-
-
-class VideoFile:
-    """An mp4 written frame by frame as blocks are decoded, under a temporary name renamed when complete:
-    memory stays bounded by a block, and a crash never leaves a half-written file at `path`."""
-
-    def __init__(self, path, fps=16):
-        self.path = path
-        self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        self.writer = imageio.get_writer(self.tmp, fps=fps, format="FFMPEG", macro_block_size=1)
-        self.frames = 0
-
-    def write(self, frames):
-        """frames [F, 3, H, W] in [0, 1]"""
-        for f in (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-            self.writer.append_data(f)
-        self.frames += frames.shape[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, error, *_):
-        self.writer.close()
-        if error is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-
-
-def save_video(frames, path, fps=16):
-    """frames [F, 3, H, W] in [0, 1] -> mp4, never half-written."""
-    with VideoFile(path, fps) as video:
-        video.write(frames)
 
 
 def check_args(a):
@@ -243,6 +209,8 @@ def main(argv=None):
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
     print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
     if fast:  # compiled block stages and decoder: a dry run compiles every call the videos will make
+        torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: vae.py, above FAST)
+        torch._dynamo.config.recompile_limit = 64
         t0 = time.perf_counter()
         m.compile_blocks()
         V.speed_up(wan.vae)

@@ -9,32 +9,31 @@ Every random draw is a function of (seed, step, rank), so a resumed run equals a
 """
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import evaluate as E
+import evaluation as E
 import fast
 import loss as L
 import checkpoints as C
 import model as M
 import offload
 import vae as V
-from config import check_config, check_frames, check_paths, parse_config, read_prompts
-from files import remove_stale_tmp
+from config import check_config, check_frames, parse_config, parse_spec, read_prompts
+from files import remove_stale_tmp, save_video
 from logs import RunLog, check_log
-from policy import ClipForward, Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
-from rewards import build_reward
+from policy import Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
+from rewards import build_reward, check_rewards
 from run_dir import claim_on_rank0, release, trim_log
-from rollout import SIGMAS, clip_velocity, draw_noise, group_rollout, seed_of
-from sample import save_video
+from rollout import SIGMAS, Group, candidate_rollouts, draw_noise, history_rollout, seed_of
 
 
 def autocast(device):
@@ -49,120 +48,185 @@ def all_sum(*xs):
     return t.cpu().tolist()
 
 
-class Laps:
-    """Wall time and peak memory of a step's phases: lap(name) ends the running phase and starts `name`
-    (None: ends it). On CUDA each boundary synchronises (a few per step, none per micro-batch) and resets the
-    peak-memory counter. The host-to-device copies of parked models (offload.MOVED) are taken out of the
-    phase they happen in and counted as "transfer", so the phases add up to the step. hook(name), if given,
-    runs at each boundary after the synchronisation with the phase that ends (bench.py counts FLOPs there)."""
+def all_sum_named(xs):
+    """{name: sum over ranks} of {name: this rank's number}, in one all-reduce."""
+    return dict(zip(xs, all_sum(*xs.values())))
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds: build makes it, train_step and evaluate read it."""
+    rank: int
+    world: int
+    device: torch.device
+    prompts: list            # the training prompts (cfg.prompts), one per line
+    eval_prompts: list       # the held-out prompts (cfg.eval_prompts)
+    wan: M.Wan               # generator, text encoder, VAE
+    reward_fn: object        # rewards.CompositeReward: frames, prompts -> {name: [N]} with "composite"
+    policy: Policy           # theta, theta_old, theta_ref
+    opt: torch.optim.Optimizer
+    ctrl: L.Controller       # the uncertainty mask's rho and the dynamic reference's clock
+    fast_eval: bool = False  # held-out evaluations through the compiled sampling path (fast.py)
+    log: RunLog = None       # rank 0's log (logs.py), None elsewhere
+    spread: dict = dataclasses.field(default_factory=dict)  # the last step's rewards and advantages (histograms)
+    lap_hook: object = None  # Phases' hook: called with each phase's name as it ends (bench.py counts FLOPs)
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One prompt's share of a step: its text, theta_old's text K/V and its group (history, G clean clips)."""
+    prompt: str
+    text: torch.Tensor  # umT5 embedding [1, 512, 4096]
+    kv_old: list        # theta_old's text K/V: the rollout's, used again for its clip caches
+    group: Group
+
+
+class Phases:
+    """Wall time and peak memory of a step's phases: `with phases("decode"): ...`. On CUDA each boundary
+    synchronises (a few per step, none per micro-batch) and resets the peak-memory counter. The host-to-device
+    copies of parked models (offload.MOVED) are taken out of the phase they happen in and counted as "transfer"."""
 
     def __init__(self, device, hook=None):
-        self.cuda, self.hook, self.name = device.type == "cuda", hook, None
+        self.cuda, self.hook = device.type == "cuda", hook
         self.times, self.peak_gb = {"transfer": 0.0}, {}
 
-    def __call__(self, name):
+    def _now(self):
         if self.cuda:
             torch.cuda.synchronize()
-        now, moved = time.perf_counter(), offload.MOVED["seconds"]
-        if self.name is not None:
-            self.hook and self.hook(self.name)
-            self.times["transfer"] += moved - self.moved
-            self.times[self.name] = self.times.get(self.name, 0.0) + now - self.t0 - (moved - self.moved)
-            if self.cuda:
-                self.peak_gb[self.name] = max(self.peak_gb.get(self.name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
+        return time.perf_counter(), offload.MOVED["seconds"]
+
+    @contextlib.contextmanager
+    def __call__(self, name):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.name, self.t0, self.moved = name, now, moved
+        t0, moved0 = self._now()
+        yield
+        t, moved = self._now()
+        self.hook and self.hook(name)
+        self.times["transfer"] += moved - moved0
+        self.times[name] = self.times.get(name, 0.0) + t - t0 - (moved - moved0)
+        if self.cuda:
+            self.peak_gb[name] = max(self.peak_gb.get(name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
 
 
 def train_step(step, cfg, ctx):
     """One step of Algorithm 1 on this rank (paper Sec. 3, Eq. 1-4; README "Training"); returns the step's metrics."""
-    P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
-    lap, t0, moved = Laps(dev, getattr(ctx, "lap_hook", None)), time.perf_counter(), offload.MOVED["bytes"]
-    # 1. clip start s, the same on every rank (drawn from the shared seed); s = 0 trains the first clip
+    t0, moved, phases = time.perf_counter(), offload.MOVED["bytes"], Phases(ctx.device, ctx.lap_hook)
+    s, prompts = clip_start_and_prompts(step, cfg, ctx)
+    rollouts, rewards, reward_s = rollout_and_score(step, s, prompts, cfg, ctx, phases)
+    with phases("train"):
+        A, r, mask, masked_total, policy_loss, kl_sum = policy_loss_backward(step, rollouts, rewards, cfg, ctx)
+    with phases("optimizer"):
+        grad_norm, kl, reset = update_policies(step, rewards, kl_sum, masked_total, cfg, ctx)
+    ctx.spread = {**{f"reward/{k}": v for k, v in rewards.items()}, "advantage": A}  # this rank's, for histograms
+    return dict(step=step, clip_start=s, **step_metrics(rewards, A, policy_loss, cfg, ctx), kl=kl,
+                masked=masked_total / (ctx.world * cfg.prompts_per_rank * cfg.group_size), rho=ctx.ctrl.rho,
+                tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm, step_time=time.perf_counter() - t0,
+                **{f"time/{k}": v for k, v in phases.times.items()},
+                **{f"time/reward/{k}": v for k, v in reward_s.items()}, transfer_gb=(offload.MOVED["bytes"] - moved) / 1e9,
+                **{f"peak_gb/{k}": v for k, v in phases.peak_gb.items()},
+                peak_mem_gb=max(phases.peak_gb.values(), default=0.0))
+
+
+def clip_start_and_prompts(step, cfg, ctx):
+    """The clip start s, a multiple of the block, the same on every rank (drawn from the shared seed; s = 0 trains
+    the first clip, s > 0 is Streaming Long Tuning), and this rank's prompts of the step."""
     shared = torch.Generator().manual_seed(seed_of(cfg.seed, step))
-    s = n * int(torch.randint(0, cfg.max_history_frames // n + 1, (1,), generator=shared))
+    s = cfg.frames_per_block * int(torch.randint(0, cfg.max_history_frames // cfg.frames_per_block + 1, (1,),
+                                                 generator=shared))
     s = s if cfg.clip_start is None else cfg.clip_start
     order = torch.randperm(len(ctx.prompts), generator=shared).tolist()
-    prompts = [ctx.prompts[order[(ctx.rank * P + j) % len(order)]] for j in range(P)]
-    # 2. per prompt: history once with theta_old (no grad), then G candidate clips from the shared prefix (Eq. 3).
-    # Draws are keyed by the prompt's place in the step (rank * P + j), not by rank: a step computes the same on
-    # any number of ranks (test_astrolabe.py checks 2 processes against 1)
-    old, groups = ctx.policy.rollout_net(), []
-    with torch.no_grad(), autocast(dev):
-        for j, prompt in enumerate(prompts):
-            lap("text")
-            text = ctx.wan.text_encoder([prompt])
-            lap("history")
-            hist = draw_noise(seed_of(cfg.seed, step, ctx.rank * P + j, 0), 1, ctx.wan.latent_shape(s), dev)
-            clip = draw_noise(seed_of(cfg.seed, step, ctx.rank * P + j, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
-            kv_old = old.text_kv(text)  # theta_old's text K/V: used again for its clip caches below
-            groups.append((prompt, text, kv_old, group_rollout(old, kv_old, hist, clip, cfg.sink_frames,
-                                                               cfg.window_frames, n, m, lambda: lap("clips"))))
-            del hist, clip  # the clip noise grows with G (0.46 GB at G = 24): not kept through the step
-    # 3. decode each candidate clip as the window of its video (the decoder state after the history, shared by
-    # the group like the KV prefix; vae.py) and score it: 4 F pixel frames for s > 0, 1 + 4 (F - 1) for s = 0
-    scores, reward_s = [], {}
-    for prompt, _, _, g in groups:
-        lap("decode")
-        dec = V.history_decoder(ctx.wan.vae, g.history)
-        frames = None  # in (pinned) host memory, scored per micro-batch: GPU memory stays flat in G (offload.py)
-        for i in range(0, G, m):
-            x = dec.fork(min(m, G - i))(g.clips[i:i + m])
-            frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
-            frames[i:i + x.shape[0]].copy_(x, non_blocking=True)
-        lap("reward")
-        scores.append(ctx.reward_fn(frames, [prompt] * G, batch=m, device=dev))
+    P = cfg.prompts_per_rank
+    return s, [ctx.prompts[order[(ctx.rank * P + j) % len(order)]] for j in range(P)]
+
+
+def rollout_and_score(step, s, prompts, cfg, ctx, phases):
+    """Algorithm 1's sampling half, no grad: per prompt, the history once with theta_old, then G candidate clips
+    from that shared prefix (Eq. 3); each clip decoded as the window of its video and scored. Returns the
+    Rollouts, the rewards {name: [P G]} (with "composite") and each reward model's seconds. Draws are keyed by the prompt's place in the step
+    (rank * P + j), not by rank: a step computes the same on any number of ranks (tests check 2 processes vs 1)."""
+    P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
+    rollouts, scores, reward_s = [], [], {}
+    for j, prompt in enumerate(prompts):
+        key = ctx.rank * P + j
+        with torch.no_grad(), autocast(dev), ctx.policy.using("old") as old:
+            with phases("text"):
+                text = ctx.wan.text_encoder([prompt])
+            with phases("history"):
+                kv_old = old.text_kv(text)
+                noise = draw_noise(seed_of(cfg.seed, step, key, 0), 1, ctx.wan.latent_shape(s), dev)
+                history, cache = history_rollout(old, kv_old, noise, cfg.sink_frames, cfg.window_frames, n)
+            with phases("clips"):  # the clip noise grows with G (0.46 GB at G = 24): dropped once used
+                noise = draw_noise(seed_of(cfg.seed, step, key, 1), G, ctx.wan.latent_shape(cfg.clip_frames), dev)
+                group = candidate_rollouts(old, kv_old, history, cache, noise, n, m)
+                del noise
+        rollouts.append(Rollouts(prompt, text, kv_old, group))
+    for ro in rollouts:
+        # 4 F pixel frames for s > 0 (1 + 4 (F - 1) for s = 0), from the decoder state after the history, shared
+        # by the group like the KV prefix (vae.py); kept in (pinned) host memory and scored per micro-batch, so
+        # GPU memory stays flat in G (G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24; offload.py)
+        with phases("decode"):
+            dec, frames = V.history_decoder(ctx.wan.vae, ro.group.history), None
+            for i in range(0, G, m):
+                x = dec.fork(min(m, G - i))(ro.group.clips[i:i + m])
+                frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
+                frames[i:i + x.shape[0]].copy_(x, non_blocking=True)
+            del dec
+        with phases("reward"):
+            scores.append(ctx.reward_fn(frames, [ro.prompt] * G, batch=m, device=dev))
         for k, v in getattr(ctx.reward_fn, "seconds", {}).items():  # each reward's share (CompositeReward)
             reward_s[k] = reward_s.get(k, 0.0) + v
-        del dec, frames  # training needs neither: G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24
-    lap("train")
-    rewards = {k: torch.cat([sc[k] for sc in scores]).to(dev) for k in scores[0]}
-    # 4. advantages (Eq. 4) and the uncertainty mask, both over the whole step on all ranks
+    return rollouts, {k: torch.cat([sc[k] for sc in scores]).to(dev) for k in scores[0]}, reward_s
+
+
+def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
+    """Algorithm 1's update half, up to the gradients: advantages over the whole step on all ranks (Eq. 4), the
+    uncertainty mask, then per micro-batch the three policies' x0 at a fresh noise level in the rollout's attention
+    layout and Eq. 1-2's loss plus the selective KL where masked, backward. Returns the advantages A, their r, the
+    mask, the step's masked count on all ranks, and the summed policy loss and KL (device scalars: no host sync)."""
+    P, G, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.micro_batch, ctx.device
     A, r = L.advantages(rewards["composite"], G, cfg.a_max)
-    ctx.spread = {**{f"reward/{k}": v for k, v in rewards.items()}, "advantage": A}  # this rank's, for histograms
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
-    # 5. Eq. 1, 2 + selective KL, per micro-batch, in the rollout's attention layout
-    N, mask_host = P * G, mask.cpu()  # one transfer: the loop below branches on it
-    micro = [(j, i) for j in range(P) for i in range(0, G, m)]
-    # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every forward a
-    # collective, so then all ranks decide together. The KL is a mean over the step's masked samples on all
-    # ranks: each rank divides by masked_total / world, as gradients are averaged over ranks (one all-reduce)
+    mask_host, micro = mask.cpu(), [(j, i) for j in range(P) for i in range(0, G, m)]  # one transfer: branched on
+    # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every forward a collective,
+    # so then all ranks decide together. The KL is a mean over the step's masked samples on all ranks: each rank
+    # divides by masked_total / world, as gradients are averaged over ranks (one all-reduce)
     need_ref = [bool(mask_host[j * G + i:j * G + i + m].any()) for j, i in micro]
     masked_total, *any_ref = all_sum(mask_host.sum(), *need_ref)
     if not ctx.policy.lora:
         need_ref = [x > 0 for x in any_ref]
-    policy_loss = kl_sum = torch.zeros((), device=dev)  # accumulated on the device: no host sync per micro-batch
+    policy_loss = kl_sum = torch.zeros((), device=dev)
     for k, (j, i) in enumerate(micro):
-        _, text, kv_old, g = groups[j]
+        ro, b = rollouts[j], min(m, G - i)
         if i == 0:
             noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank * P + j, 2))
-        b = min(m, G - i)
-        sl, x0 = slice(j * G + i, j * G + i + b), g.clips[i:i + b]
+        sl, x0 = slice(j * G + i, j * G + i + b), ro.group.clips[i:i + b]
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
         x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
-        with torch.no_grad(), autocast(dev):
-            net = ctx.policy.rollout_net()
-            cache = g.clip_cache(net, kv_old, i, b, n)  # history prefix + the candidates' clean clip K/V
-            x0_old = M.to_x0(x_t, clip_velocity(net, x_t, sigma, kv_old, cache, g.start, n), sigma)
-            x0_ref = None
-            if need_ref[k]:
-                net = ctx.policy.net("ref")
-                x0_ref = M.to_x0(x_t, clip_velocity(net, x_t, sigma, net.text_kv(text), cache, g.start, n), sigma)
-        ctx.policy.net("default")
-        last = k == len(micro) - 1
-        with (ctx.train_net.no_sync() if hasattr(ctx.train_net, "no_sync") and not last else torch.enable_grad()):
+        args = (x_t, sigma, ro.text)
+        with autocast(dev):
+            with ctx.policy.using("old") as old:  # history prefix + the candidates' clean clip K/V (Streaming Long Tuning)
+                cache = ro.group.clip_cache(old, ro.kv_old, i, b, cfg.frames_per_block)
+            x0_old = ctx.policy.x0("old", *args, cache, ro.group.start, text_kv=ro.kv_old)
+            x0_ref = ctx.policy.x0("ref", *args, cache, ro.group.start) if need_ref[k] else None
+        net = ctx.policy.train_net  # DDP: gradients are reduced on the last micro-batch's backward only
+        with net.no_sync() if hasattr(net, "no_sync") and k < len(micro) - 1 else contextlib.nullcontext():
             with autocast(dev):
-                x0_theta = M.to_x0(x_t, ctx.train_net(text, x_t, sigma, cache, g.start), sigma)
-            loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=N)
-            if x0_ref is not None:
+                x0_theta = ctx.policy.x0("default", *args, cache, ro.group.start)
+            loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=P * G)  # Eq. 1-2
+            if x0_ref is not None:  # selective KL on the masked samples
                 loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, masked_total / ctx.world)
                 kl_sum = kl_sum + ((x0_theta.detach() - x0_ref).square().flatten(1).mean(1) * mask[sl]).sum()
             loss.backward()
         policy_loss = policy_loss + loss.detach()
         del cache  # before the next micro-batch builds its own (10.3 GB for 3 candidates at the 1.3B size)
-    lap("optimizer")
-    # 6-8. optimizer step, EMA of theta_old, dynamic reference
+    return A, r, mask, masked_total, policy_loss, kl_sum
+
+
+def update_policies(step, rewards, kl_sum, masked_total, cfg, ctx):
+    """Algorithm 1's last lines: AdamW on theta (clipped gradients), theta_old's EMA, the dynamic reference
+    (theta_ref <- theta when the step's KL passes tau_KL or K_max steps passed). Returns the gradient norm, the
+    step's mean masked KL on all ranks and whether the reference was reset."""
     params = ctx.policy.params("default")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
     if not math.isfinite(grad_norm):  # before the optimizer step: theta stays as it was
@@ -176,27 +240,30 @@ def train_step(step, cfg, ctx):
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
         L.copy_(ctx.policy.params("ref"), params)
-    lap(None)
-    # float64, and the spread from centred values: a statistic stays finite whenever the rewards are
-    comp64, flat = rewards["composite"].double(), (lambda R: float((R.amax(1) == R.amin(1)).sum()))
-    sums = all_sum(*(float(v.double().sum()) for v in rewards.values()), flat(rewards["composite"].view(-1, G)),
-                   float(A.abs().sum()), float((A.abs() >= cfg.a_max).sum()), N, policy_loss)
-    count = sums[-2]
-    means = {f"reward/{k}": v / count for k, v in zip(rewards, sums)}
-    comp = means["reward/composite"]
-    return dict(step=step, clip_start=s, **means, flat_groups=int(sums[len(rewards)]),
-                composite_std=(all_sum(float((comp64 - comp).square().sum()))[0] / count) ** 0.5,
-                adv_abs_mean=sums[len(rewards) + 1] / count, adv_clipped=sums[len(rewards) + 2] / count,
-                policy_loss=sums[-1] / ctx.world, kl=kl, masked=masked_total / count, rho=ctx.ctrl.rho,
-                tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm,
-                step_time=time.perf_counter() - t0, **{f"time/{k}": v for k, v in lap.times.items()},
-                **{f"time/reward/{k}": v for k, v in reward_s.items()}, transfer_gb=(offload.MOVED["bytes"] - moved) / 1e9,
-                **{f"peak_gb/{k}": v for k, v in lap.peak_gb.items()}, peak_mem_gb=max(lap.peak_gb.values(), default=0.0))
+    return grad_norm, kl, reset
+
+
+def step_metrics(rewards, A, policy_loss, cfg, ctx):
+    """The step's statistics over all ranks, by name: reward means, the composite's spread, groups whose
+    candidates all scored alike (no advantage), advantages, the policy loss. In float64, the spread from centred
+    values: a statistic stays finite whenever the rewards are."""
+    comp = rewards["composite"].double()
+    local = {**{f"reward/{k}": float(v.double().sum()) for k, v in rewards.items()},
+             "flat_groups": float((lambda R: (R.amax(1) == R.amin(1)).sum())(comp.view(-1, cfg.group_size))),
+             "adv_abs_mean": float(A.abs().sum()), "adv_clipped": float((A.abs() >= cfg.a_max).sum()),
+             "samples": len(comp), "policy_loss": float(policy_loss)}
+    total = all_sum_named(local)
+    n = total["samples"]
+    mean = {k: total[k] / n for k in local if k.startswith("reward/")}
+    return dict(**mean, flat_groups=int(total["flat_groups"]),
+                composite_std=(all_sum(float((comp - mean["reward/composite"]).square().sum()))[0] / n) ** 0.5,
+                adv_abs_mean=total["adv_abs_mean"] / n, adv_clipped=total["adv_clipped"] / n,
+                policy_loss=total["policy_loss"] / ctx.world)
 
 
 @torch.no_grad()
 def evaluate(step, cfg, ctx):
-    """theta on the held-out prompts x eval_seeds fixed noises (evaluate.score_samples): per-sample scores,
+    """theta on the held-out prompts x eval_seeds fixed noises (evaluation.score_samples): per-sample scores,
     also written to samples/scores_stepNNNNN.csv; an mp4 of each prompt's first seed."""
     net, out = ctx.policy.net("default"), os.path.join(cfg.out_dir, "samples")
     os.makedirs(out, exist_ok=True)
@@ -215,50 +282,68 @@ def evaluate(step, cfg, ctx):
     return scores
 
 
+def check_paths(cfg, generator=True, rewards=True):
+    """The files a run will load (the generator's, the rewards' the spec uses) exist, and a model folder holds what
+    diffusers reads, before loading any and before out_dir is claimed."""
+    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    check_rewards(names, cfg)
+    if generator and cfg.model is None and (cfg.checkpoint or cfg.base_lora):
+        raise SystemExit("error: checkpoint and base_lora need model=PATH, the diffusers Wan2.1 folder they build on")
+    paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
+    paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
+                 videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
+                 videoalign_base=cfg.videoalign_base if any(k.startswith("videoalign_") for k in names) else None)
+    for k, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise SystemExit(f"error: {k}={path!r} does not exist")
+    if generator and cfg.model is not None:
+        from checkpoints import check_model_dir  # (imports diffusers: only when a folder is named)
+        try:
+            check_model_dir(cfg.model)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: model={cfg.model!r}: {e}") from None
+
+
 def build(cfg, wan=None, reward_fn=None, claim=False):
-    """Everything a run needs, on this rank's device: prompts, generator, rewards, policies, optimizer.
+    """Everything a run needs, on this rank's device (a Run): prompts, generator, rewards, policies, optimizer.
     claim: first make out_dir this run's (run_dir.claim), before any model is built."""
-    ctx = type("Context", (), {})()
-    ctx.prompts, ctx.eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
+    prompts, eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
     check_paths(cfg, generator=wan is None, rewards=reward_fn is None)
-    ctx.rank, ctx.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    ctx.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
-    if ctx.device.type == "cuda":
-        torch.cuda.set_device(ctx.device)
-    if ctx.world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if ctx.device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if claim:
-        claim_on_rank0(cfg.out_dir, cfg.resume, cfg.overwrite, ctx.rank, ctx.world)
+        claim_on_rank0(cfg.out_dir, cfg.resume, cfg.overwrite, rank, world)
     paths = {"hpsv3": cfg.hpsv3, "hpsv3_tokenizer": cfg.hpsv3_tokenizer, "videoalign": cfg.videoalign,
              "videoalign_base": cfg.videoalign_base}
-    ctx.reward_fn = reward_fn or build_reward(cfg.reward, ctx.device, {k: v for k, v in paths.items() if v})
-    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    ctx.wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
-                             dtype=dtype)).to(ctx.device)
-    ctx.wan.height, ctx.wan.width = cfg.height or ctx.wan.height, cfg.width or ctx.wan.width
+    reward_fn = reward_fn or build_reward(cfg.reward, device, {k: v for k, v in paths.items() if v})
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
+                         dtype=dtype)).to(device)
+    wan.height, wan.width = cfg.height or wan.height, cfg.width or wan.width
     # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
-    offload.park(ctx.wan.text_encoder.encoder.requires_grad_(False), ctx.device)
-    for model in filter(None, getattr(ctx.reward_fn, "models", [])):
-        offload.park(model, ctx.device)
+    offload.park(wan.text_encoder.encoder.requires_grad_(False), device)
+    for model in filter(None, getattr(reward_fn, "models", [])):
+        offload.park(model, device)
     torch.manual_seed(cfg.seed)  # after loading: load_tiny seeds its fixed weights itself; the LoRA init follows --seed
-    ctx.policy = Policy(cfg, ctx.wan, ctx.world)
-    ctx.train_net = ClipForward(ctx.policy.model, cfg.frames_per_block)
-    if ctx.world > 1 and ctx.policy.lora:
-        ctx.train_net = torch.nn.parallel.DistributedDataParallel(ctx.train_net, broadcast_buffers=False)
-    ctx.opt = torch.optim.AdamW(ctx.policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                weight_decay=cfg.weight_decay)
-    ctx.ctrl = L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max)
+    policy = Policy(cfg, wan, world)
+    opt = torch.optim.AdamW(policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=cfg.weight_decay)
     # the decoded clips' host buffer (train_step), pinned now: pinning 5.5 GB would take seconds of the first step
-    offload.host_buffer("frames", (cfg.group_size, 4 * cfg.clip_frames, 3, ctx.wan.height, ctx.wan.width),
-                        torch.float32, ctx.device)
+    offload.host_buffer("frames", (cfg.group_size, 4 * cfg.clip_frames, 3, wan.height, wan.width), torch.float32, device)
     # the held-out evaluations through the compiled sampling path (fast.py) where the run's evaluations, all
     # together, generate enough to pay for compiling; not on FSDP2-sharded weights (each forward a collective)
     evals = (cfg.steps // cfg.eval_every + 1) if cfg.eval_every else 0
-    ctx.fast_eval = (ctx.policy.lora or ctx.world == 1) and \
-        fast.wanted(None, ctx.device, evals * len(ctx.eval_prompts) * cfg.eval_seeds * cfg.eval_frames / ctx.world)
+    fast_eval = (policy.lora or world == 1) and \
+        fast.wanted(None, device, evals * len(eval_prompts) * cfg.eval_seeds * cfg.eval_frames / world)
+    run = Run(rank, world, device, prompts, eval_prompts, wan, reward_fn, policy, opt,
+              L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max), fast_eval)
     from fast_train import configure
-    return configure(ctx, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
+    return configure(run, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
 
 
 FLAT_STEPS = 3  # this many flat steps in a row earn a warning
@@ -270,6 +355,12 @@ def main(argv):
         return report(argv[1:])
     cfg = parse_config(argv)
     check_config(cfg)
+    # FSDP2 (policy.shard) warns at every forward that a unit returns views (text K/V, velocities): nothing here
+    # changes them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    if torch.cuda.is_available():  # process-wide settings of the compiled paths (why: vae.py, above FAST)
+        torch.backends.cudnn.benchmark = True
+        torch._dynamo.config.recompile_limit = 64
     check_log(cfg.log)
     try:  # loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
         ctx = build(cfg, claim=True)
@@ -335,7 +426,7 @@ def main(argv):
     if ctx.rank == 0:
         release(cfg.out_dir)
     if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock
-        del ctx.train_net
+        del ctx.policy.train_net
         dist.destroy_process_group()
 
 

@@ -32,6 +32,12 @@ RECEPTIVE_FIELD = 38
 
 FAST = weakref.WeakKeyDictionary()  # vae -> the decoder its streams run: compiled or not (speed_up)
 COMPILED = weakref.WeakKeyDictionary()  # vae -> its compiled decoder, made once (a new wrapper compiles anew)
+# The process-wide settings the compiled paths want, made in sight by the entry scripts (sample.py, evaluate.py,
+# train.py, bench.py): torch.backends.cudnn.benchmark = True, since cuDNN's heuristics pick an sm80 kernel for the decoder's 96-channel full-resolution convs (35% of the
+# decode on an H100), and timing the candidates once per shape finds a faster one; dynamo compiles each compiled
+# function once per input shape (the decoder's chunk layouts and batches, the block stages' cache lengths), and
+# past its default limit of 8 it runs them eagerly without a word (the decoder took 1.27 s instead of 0.88 s,
+# H100 2026-11-22, when its pieces were compiled one by one): torch._dynamo.config.recompile_limit = 64.
 
 
 class Upsample3d(WanResample):
@@ -72,7 +78,9 @@ def speed_up(vae, compile=True):
     with compile, the decoder compiled. A stream has three chunk layouts (the first latent frame, the next two,
     then chunks of `chunk` frames with 2 cached frames at every conv), so it compiles three times at fixed shapes.
     Same pixels up to rounding (the same arithmetic: the same zeros, padded inside cuDNN); bench.py generate
-    prints the difference. A second call with the same `compile` changes nothing."""
+    prints the difference. A second call with the same `compile` changes nothing. The process-wide settings this
+    path wants (cudnn.benchmark, dynamo's recompile limit) are the entry scripts' to make (above, FAST).
+    """
     if vae in FAST and compile == (FAST[vae] is not vae.decoder):
         return vae
     for p in vae.parameters():
@@ -84,14 +92,6 @@ def speed_up(vae, compile=True):
         if isinstance(m, WanCausalConv3d) and any(m._padding[:4]):  # diffusers: (w, w, h, h, 2 t, 0) for F.pad
             w, _, h, _, t, _ = m._padding
             m.padding, m._padding = (0, h, w), (0, 0, 0, 0, t, 0)  # only the causal time padding stays a copy
-    # cuDNN's heuristics pick an sm80 kernel for the 96-channel full-resolution convs (35% of the decode on an
-    # H100); timing the candidates once per shape finds a faster one
-    torch.backends.cudnn.benchmark = True
-    # The compiled decoder breaks its graph where diffusers compares a cached tensor with the "Rep" marker of
-    # its temporal upsamplers; below each break dynamo compiles the called frames once per input shape (every
-    # stage, every chunk layout), past its default limit of 8, after which it runs them eagerly without a word:
-    # progressive decoding took 1.27 s instead of 0.88 s (H100, 2026-11-22). The limit is raised to fit them.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if compile and vae not in COMPILED:
         COMPILED[vae] = torch.compile(vae.decoder, dynamic=False)
     FAST[vae] = COMPILED[vae] if compile else vae.decoder

@@ -12,6 +12,7 @@ import torch
 import checkpoints as C
 import config
 import evaluate
+import evaluation
 import model as M
 import train
 import vae as V
@@ -23,13 +24,13 @@ from rollout import draw_noise, generate, new_cache
 def test_paired_statistics_hand_table():
     a, b = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[2.0, 2.0], [5.0, 3.0]])
     # b - a = 1, 0, 2, -1: mean 1/2, sample variance 5/3, s.e. sqrt(5/3)/2; wins 1 + 1/2 (tie) + 1 + 0 of 4
-    assert evaluate.paired(a, b) == pytest.approx((0.5, math.sqrt(5 / 3) / 2, 0.625), rel=1e-12)
-    assert evaluate.mean_se(a) == pytest.approx((2.5, math.sqrt(5 / 3) / 2), rel=1e-12)
-    row = evaluate.summary({"composite": b}, {"composite": a})  # b: mean 3, sample variance (1 + 1 + 4 + 0) / 3
+    assert evaluation.paired(a, b) == pytest.approx((0.5, math.sqrt(5 / 3) / 2, 0.625), rel=1e-12)
+    assert evaluation.mean_se(a) == pytest.approx((2.5, math.sqrt(5 / 3) / 2), rel=1e-12)
+    row = evaluation.summary({"composite": b}, {"composite": a})  # b: mean 3, sample variance (1 + 1 + 4 + 0) / 3
     assert row == pytest.approx({"eval/composite": 3.0, "eval/composite_se": math.sqrt(2) / 2,
                                  "eval/composite_delta": 0.5, "eval/composite_delta_se": math.sqrt(5 / 3) / 2,
                                  "eval/composite_improved": 0.625}, rel=1e-12)
-    assert evaluate.table({"A": {"composite": a}, "B": {"composite": b}}, ["A", "B"]).splitlines()[2] == \
+    assert evaluation.table({"A": {"composite": a}, "B": {"composite": b}}, ["A", "B"]).splitlines()[2] == \
         "| composite | 2.5000 ± 0.6455 | 3.0000 ± 0.7071 | +0.5000 ± 0.6455 | 62% |"
 
 

@@ -178,7 +178,6 @@ def test_fast_decoder_never_compares_a_cached_tensor_with_the_rep_marker(wan, mo
     (every branch) still gives diffusers' own pixels; the control is diffusers' module, which compares."""
     import vae as V
     fast = V.speed_up(copy.deepcopy(wan.vae), compile=False)
-    torch.backends.cudnn.benchmark = False
     assert sum(type(m) is V.Upsample3d for m in fast.decoder.modules()) == 2  # the tiny decoder's temporal upsamplers
     torch.manual_seed(16)
     z = torch.randn(1, 16, 7, 4, 4)

@@ -166,13 +166,13 @@ def test_forked_decoder_state_has_the_layout_of_its_own_batch_state(wan):
 
 @contextlib.contextmanager
 def eager_compile(monkeypatch):
-    """torch.compile with dynamo's eager backend; hitting the recompile limit (fast_train.configure raises it to
-    64) fails instead of silently running eagerly."""
+    """torch.compile with dynamo's eager backend, under the recompile limit train.py sets for its compiled paths (64);
+    hitting it fails instead of silently running eagerly. dynamo's own config patch, not monkeypatch: monkeypatch's
+    undo deletes a config entry it found unset, which hides it for the rest of the process."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     torch._dynamo.reset()
-    yield torch._dynamo.utils.counters
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        yield torch._dynamo.utils.counters
     torch._dynamo.reset()
 
 

@@ -38,18 +38,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(wan):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_laps_split_the_step_and_take_transfers_out(monkeypatch):
-    """train.Laps against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase."""
-    clock, ended = iter([0.0, 2.0, 5.0, 6.0]), []
+def test_phases_split_the_step_and_take_transfers_out(monkeypatch):
+    """train.Phases against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase, a
+    phase entered twice, and the gap between phases left out."""
+    clock, ended = iter([0.0, 2.0, 5.0, 6.0, 6.5, 7.5]), []
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
     monkeypatch.setitem(train.offload.MOVED, "seconds", 10.0)
-    lap = train.Laps(torch.device("cpu"), hook=ended.append)
-    lap("text")
-    train.offload.MOVED["seconds"] += 0.5  # a parked model came to the GPU inside "text"
-    lap("history")
-    lap("text")
-    lap(None)
-    assert lap.times == {"transfer": 0.5, "text": 1.5 + 1.0, "history": 3.0} and ended == ["text", "history", "text"]
+    phases = train.Phases(torch.device("cpu"), hook=ended.append)
+    with phases("text"):
+        train.offload.MOVED["seconds"] += 0.5  # a parked model came to the GPU inside "text"
+    with phases("history"):
+        pass
+    with phases("text"):
+        pass
+    assert phases.times == {"transfer": 0.5, "text": 1.5 + 1.0, "history": 1.0} and ended == ["text", "history", "text"]
 
 
 # the reward is test_astrolabe.blueness (test_astrolabe.py, at the repository root, imports by name)
