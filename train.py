@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 train.py --preset=self_forcing --steps=200
     python train.py report out/log.jsonl              # reward curves -> PNG (needs matplotlib)
 
-Config: config.py's dataclass; a preset first, then any field as --key=value.
-Every random draw is a function of (seed, step, rank), so a resumed run equals an unbroken one.
+Config: config.py's dataclass; a preset first, then any field as --key=value (--help lists them). The run's
+objects are built in run.py. Every random draw is a function of (seed, step, the prompt's place in the step), so
+a resumed run equals an unbroken one, on any number of ranks.
 """
 import contextlib
 import dataclasses
@@ -23,16 +24,15 @@ from tqdm import tqdm
 import evaluation as E
 import fast
 import loss as L
-import checkpoints as C
 import model as M
 import offload
 import vae as V
-from config import check_config, check_frames, parse_config, parse_spec, read_prompts
+from config import check_config, check_frames, parse_config
 from files import remove_stale_tmp, save_video
 from logs import RunLog, check_log
-from policy import Policy, clean_stale, full_tensor, load_checkpoint, save_checkpoint
-from rewards import build_reward, check_rewards
-from run_dir import claim_on_rank0, release, trim_log
+from policy import clean_stale, full_tensor, load_checkpoint, save_checkpoint
+from run import build
+from run_dir import release, trim_log
 from rollout import SIGMAS, Group, candidate_rollouts, draw_noise, history_rollout, seed_of
 
 
@@ -51,25 +51,6 @@ def all_sum(*xs):
 def all_sum_named(xs):
     """{name: sum over ranks} of {name: this rank's number}, in one all-reduce."""
     return dict(zip(xs, all_sum(*xs.values())))
-
-
-@dataclasses.dataclass
-class Run:
-    """What a training run holds: build makes it, train_step and evaluate read it."""
-    rank: int
-    world: int
-    device: torch.device
-    prompts: list            # the training prompts (cfg.prompts), one per line
-    eval_prompts: list       # the held-out prompts (cfg.eval_prompts)
-    wan: M.Wan               # generator, text encoder, VAE
-    reward_fn: object        # rewards.CompositeReward: frames, prompts -> {name: [N]} with "composite"
-    policy: Policy           # theta, theta_old, theta_ref
-    opt: torch.optim.Optimizer
-    ctrl: L.Controller       # the uncertainty mask's rho and the dynamic reference's clock
-    fast_eval: bool = False  # held-out evaluations through the compiled sampling path (fast.py)
-    log: RunLog = None       # rank 0's log (logs.py), None elsewhere
-    spread: dict = dataclasses.field(default_factory=dict)  # the last step's rewards and advantages (histograms)
-    lap_hook: object = None  # Phases' hook: called with each phase's name as it ends (bench.py counts FLOPs)
 
 
 @dataclasses.dataclass
@@ -280,70 +261,6 @@ def evaluate(step, cfg, ctx):
     if ctx.rank == 0:
         E.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
     return scores
-
-
-def check_paths(cfg, generator=True, rewards=True):
-    """The files a run will load (the generator's, the rewards' the spec uses) exist, and a model folder holds what
-    diffusers reads, before loading any and before out_dir is claimed."""
-    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
-    check_rewards(names, cfg)
-    if generator and cfg.model is None and (cfg.checkpoint or cfg.base_lora):
-        raise SystemExit("error: checkpoint and base_lora need model=PATH, the diffusers Wan2.1 folder they build on")
-    paths = dict(model=cfg.model, checkpoint=cfg.checkpoint, base_lora=cfg.base_lora) if generator else {}
-    paths.update(hpsv3=cfg.hpsv3 if "hpsv3" in names else None,
-                 videoalign=cfg.videoalign if any(k.startswith("videoalign_") for k in names) else None,
-                 videoalign_base=cfg.videoalign_base if any(k.startswith("videoalign_") for k in names) else None)
-    for k, path in paths.items():
-        if path is not None and not os.path.exists(path):
-            raise SystemExit(f"error: {k}={path!r} does not exist")
-    if generator and cfg.model is not None:
-        from checkpoints import check_model_dir  # (imports diffusers: only when a folder is named)
-        try:
-            check_model_dir(cfg.model)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: model={cfg.model!r}: {e}") from None
-
-
-def build(cfg, wan=None, reward_fn=None, claim=False):
-    """Everything a run needs, on this rank's device (a Run): prompts, generator, rewards, policies, optimizer.
-    claim: first make out_dir this run's (run_dir.claim), before any model is built."""
-    prompts, eval_prompts = read_prompts(cfg.prompts), read_prompts(cfg.eval_prompts)
-    check_paths(cfg, generator=wan is None, rewards=reward_fn is None)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
-        torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if claim:
-        claim_on_rank0(cfg.out_dir, cfg.resume, cfg.overwrite, rank, world)
-    paths = {"hpsv3": cfg.hpsv3, "hpsv3_tokenizer": cfg.hpsv3_tokenizer, "videoalign": cfg.videoalign,
-             "videoalign_base": cfg.videoalign_base}
-    reward_fn = reward_fn or build_reward(cfg.reward, device, {k: v for k, v in paths.items() if v})
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
-                         dtype=dtype)).to(device)
-    wan.height, wan.width = cfg.height or wan.height, cfg.width or wan.width
-    # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
-    offload.park(wan.text_encoder.encoder.requires_grad_(False), device)
-    for model in filter(None, getattr(reward_fn, "models", [])):
-        offload.park(model, device)
-    torch.manual_seed(cfg.seed)  # after loading: load_tiny seeds its fixed weights itself; the LoRA init follows --seed
-    policy = Policy(cfg, wan, world)
-    opt = torch.optim.AdamW(policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=cfg.weight_decay)
-    # the decoded clips' host buffer (train_step), pinned now: pinning 5.5 GB would take seconds of the first step
-    offload.host_buffer("frames", (cfg.group_size, 4 * cfg.clip_frames, 3, wan.height, wan.width), torch.float32, device)
-    # the held-out evaluations through the compiled sampling path (fast.py) where the run's evaluations, all
-    # together, generate enough to pay for compiling; not on FSDP2-sharded weights (each forward a collective)
-    evals = (cfg.steps // cfg.eval_every + 1) if cfg.eval_every else 0
-    fast_eval = (policy.lora or world == 1) and \
-        fast.wanted(None, device, evals * len(eval_prompts) * cfg.eval_seeds * cfg.eval_frames / world)
-    run = Run(rank, world, device, prompts, eval_prompts, wan, reward_fn, policy, opt,
-              L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max), fast_eval)
-    from fast_train import configure
-    return configure(run, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)
 
 
 FLAT_STEPS = 3  # this many flat steps in a row earn a warning
