@@ -231,12 +231,12 @@ def bench_generate(frames=21):
                          seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1],
                          text_s=med[2], generate_s=med[3], after_s=med[4], max_abs_err=err,
                          peak_gb=torch.cuda.max_memory_allocated() / 1e9))
-            # a long video as `sample.py --frames 120 --sink 3 --window 21` makes it: from block 8 on every block
+            # a long video as `sample.py --frames 120 --sink_frames 3 --window_frames 21` makes it: from block 8 on every block
             # attends to the full sink + window (24 cached frames), where the 81-frame video's blocks average 12
             long_noise, long_cache = draw_noise(1, 1, wan.latent_shape(120), DEV), new_cache(m, 1, wan.latent_shape(120), 3, 21, n)
             end_to_end(True, noise=long_noise[:, :, :, :30], cache=long_cache)  # warm-up: every cache slot
             _, s, first, *_ = end_to_end(True, noise=long_noise, cache=long_cache)
-            add(dict(part="end to end", variant="progressive, fast path, 477 frames (--sink 3 --window 21)",
+            add(dict(part="end to end", variant="progressive, fast path, 477 frames (--sink_frames 3 --window_frames 21)",
                      seconds=s, fps_end_to_end=477 / s, first_frame_s=first))
             rows += eval_rows(wan, frames) if PART != "e2e" else []
     for peer in PEERS:

@@ -56,11 +56,11 @@ def user_rows(wan):
     with open(prompts, "w") as f:
         f.write(f"{PROMPT}\na drone flies over a rocky coastline\na cat sleeps on a warm windowsill\n")
     short = ["--frames", "21", "--prompt", PROMPT, "--out", os.path.join(out, "short.mp4")]
-    long = ["--frames", "120", "--sink", "3", "--window", "21", "--prompt", PROMPT, "--out", os.path.join(out, "long.mp4")]
+    long = ["--frames", "120", "--sink_frames", "3", "--window_frames", "21", "--prompt", PROMPT, "--out", os.path.join(out, "long.mp4")]
     jobs = [("81 frames, --fast 1, first process (empty compile caches)", short + ["--fast", "1"]),
             ("81 frames, --fast 1, warm compile caches", short + ["--fast", "1"]),
             ("81 frames, --fast 0 (eager)", short + ["--fast", "0"]),
-            ("477 frames, --sink 3 --window 21, --fast 1", long + ["--fast", "1"]),
+            ("477 frames, --sink_frames 3 --window_frames 21, --fast 1", long + ["--fast", "1"]),
             ("81 frames, 3 prompts, --switch 6,12, --fast 1", ["--frames", "21", "--prompt", f"{PROMPT}|the fox stops|"
                                                                "the fox sleeps", "--switch", "6,12", "--fast", "1",
                                                                "--out", os.path.join(out, "mp.mp4")]),

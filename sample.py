@@ -24,7 +24,11 @@ from fast import PAYS_FROM_FRAMES, wanted
 from files import VideoFile, remove_stale_tmp
 from rollout import draw_noise, generate, new_cache, switch_starts
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, every flag with its default."""
+
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
 p.add_argument("--prompt", default=None, help="a prompt, or several separated by '|' (then give --switch)")
 p.add_argument("--prompts", default=None, help="a file of prompts, one video per line (--out is then a folder)")
 p.add_argument("--switch", default="", help="comma-separated latent frames where the next prompt starts; a frame that "
@@ -40,15 +44,15 @@ p.add_argument("--base_lora_alpha", type=float, default=None,
                help="LoRA alpha of --base_lora (default: its rank r, read from the tensors; LongLive uses 256 / 256)")
 p.add_argument("--lora", default=None, help="a checkpoint folder written by train.py")
 p.add_argument("--frames", type=int, default=21, help="latent frames (pixel frames = 1 + 4 (frames - 1))")
-p.add_argument("--frames_per_block", type=int, default=3)
-p.add_argument("--sink", type=int, default=3, help="sink frames kept in the cache forever")
-p.add_argument("--window", type=int, default=21, help="most recent frames attended besides the sink")
-p.add_argument("--seed", type=int, default=0)
+p.add_argument("--frames_per_block", type=int, default=3, help="latent frames generated together (one block)")
+p.add_argument("--sink_frames", type=int, default=3, help="sink frames kept in the cache forever")
+p.add_argument("--window_frames", type=int, default=21, help="most recent frames attended besides the sink")
+p.add_argument("--seed", type=int, default=0, help="the noise's seed (with --prompts: line i is seeded --seed + i)")
 p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the generator's; "
                                                         "a checkpoint samples best at the size it was trained at)")
-p.add_argument("--width", type=int, default=None)
+p.add_argument("--width", type=int, default=None, help="pixels, as --height")
 p.add_argument("--out", default=None, help="the mp4 (default video.mp4), or with --prompts a folder (default videos)")
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 p.add_argument("--fast", type=int, default=None, choices=(0, 1, 2),
                help="compiled block stages and decoder after a warm-up (1, on a GPU) or the eager path (0); 2 "
                     "compiles on any device (the tests' check of the warm-up); default: 1 on a GPU when the "
@@ -71,8 +75,8 @@ def check_args(a):
         raise SystemExit(f"error: --frames_per_block {a.frames_per_block} must be at least 1")
     if a.frames <= 0 or a.frames % a.frames_per_block:
         raise SystemExit(f"error: --frames {a.frames} is not a whole number of {a.frames_per_block}-frame blocks")
-    if not 0 <= a.sink <= a.window or a.window < a.frames_per_block:
-        raise SystemExit(f"error: --sink {a.sink} / --window {a.window}: need 0 <= sink <= window and a window of at "
+    if not 0 <= a.sink_frames <= a.window_frames or a.window_frames < a.frames_per_block:
+        raise SystemExit(f"error: --sink_frames {a.sink_frames} / --window_frames {a.window_frames}: need 0 <= sink <= window and a window of at "
                          f"least one block ({a.frames_per_block} frames)")
     try:
         switches = [int(f) for f in a.switch.split(",") if f.strip()]
@@ -204,7 +208,7 @@ def main(argv=None):
     wan.height, wan.width = a.height or wan.height, a.width or wan.width
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cache = new_cache(m, 1, shape, a.sink, a.window, n)  # one cache for every video (KVCache.reset between them)
+    cache = new_cache(m, 1, shape, a.sink_frames, a.window_frames, n)  # one cache for every video (KVCache.reset between them)
     fast = wanted(a.fast, a.device, a.frames * len(jobs))
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
     print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
@@ -214,7 +218,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         m.compile_blocks()
         V.speed_up(wan.vae)
-        frames, dry_switches = dry_run(a.frames, switches, a.sink, a.window, n)
+        frames, dry_switches = dry_run(a.frames, switches, a.sink_frames, a.window_frames, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
         render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
                draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n, bool(a.global_sink))

@@ -41,7 +41,7 @@ def test_evaluate_command_end_to_end(tmp_path):
     train.main(FAST + ["--steps=1", "--lr=0.2", f"--out_dir={tmp_path / 'run'}"])
     ckpt = str(tmp_path / "run" / open(tmp_path / "run" / "latest").read().strip())
     spec = "colorfulness:1,smoothness:2"
-    runs = evaluate.main(["--lora_b", ckpt, "--seeds", "3", "--batch", "2", "--frames", "3", "--window", "9",
+    runs = evaluate.main(["--lora_b", ckpt, "--eval_seeds", "3", "--batch", "2", "--frames", "3", "--window_frames", "9",
                           "--height", "32", "--width", "32", "--reward", spec, "--out_dir", str(tmp_path / "ev")])
     rows = list(csv.DictReader(open(tmp_path / "ev" / "scores.csv")))
     prompts = config.read_prompts("prompts/eval.txt")

@@ -36,8 +36,8 @@ def test_dry_run_hand_table():
 
 @pytest.mark.parametrize("args", [
     ["--frames", "12"],                                                  # no eviction
-    ["--frames", "36", "--sink", "3", "--window", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
-    ["--frames", "36", "--sink", "3", "--window", "6", "--prompt", "a|b", "--switch", "20", "--global_sink", "0"],
+    ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
+    ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b", "--switch", "20", "--global_sink", "0"],
 ])
 def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, capsys, args):
     """dynamo's eager backend on the CPU: the same tracing, guards and recompilations as on the GPU, no codegen.
@@ -86,8 +86,8 @@ def test_gpu_videos_compile_nothing_after_the_warm_up(tmp_path, capsys):
     torch._dynamo.reset()
     prompts = tmp_path / "p.txt"
     prompts.write_text("a fox|a fox runs\na cat|a cat sleeps\n")
-    out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--frames", "36", "--sink", "3",
-                      "--window", "6", "--switch", "27", "--device", "cuda", "--fast", "1"], capsys)
+    out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--frames", "36", "--sink_frames", "3",
+                      "--window_frames", "6", "--switch", "27", "--device", "cuda", "--fast", "1"], capsys)
     assert during_video(out) == [0, 0], out
 
 
