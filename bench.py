@@ -26,8 +26,8 @@ import time
 
 import torch
 
-import model as M
-import vae as V
+import model
+import vae
 from bench_distributed import bench_fsdp, bench_scale_worker, bench_scaling
 from bench_step import bench_train
 from bench_user import user_rows
@@ -126,11 +126,11 @@ def bench_generate(frames=21):
     reference (errors printed), per-kernel profiles, then progressive decoding: FPS and time to first frame."""
     from torch.utils.flop_counter import FlopCounterMode
     wan = real_wan()
-    m, vae, n = wan.model, wan.vae, 3
+    m, ae, n = wan.model, wan.vae, 3
     shape = wan.latent_shape(6 if TINY else frames)
     frames, tpf = shape[1], (shape[2] // 2) * (shape[3] // 2)
     noise = draw_noise(0, 1, shape, DEV)
-    gflops = transformer_flops(WAN_1_3B if not TINY else M.TINY_TRANSFORMER, frames, tpf)
+    gflops = transformer_flops(WAN_1_3B if not TINY else model.TINY_TRANSFORMER, frames, tpf)
     rows, report = [], {}
     if PART == "user":
         return user_rows(wan)
@@ -152,7 +152,7 @@ def bench_generate(frames=21):
         for name, compiled in [("eager, cuDNN attention (reference)", False),
                                ("compiled block stages (sample.py's fast path)", True)]:
             t0 = time.perf_counter()
-            if compiled and m.stages is M.BLOCK_STAGES:
+            if compiled and m.stages is model.BLOCK_STAGES:
                 m.compile_blocks()
             latents = gen()  # compiles; timed() warms up once more
             sync()
@@ -168,11 +168,11 @@ def bench_generate(frames=21):
         # 2. decoder: diffusers' one-shot decode (reference), streaming, the layout and padding levers, compiled
         torch.backends.cudnn.benchmark = False  # off for the references: one of the levers below (as the entry scripts)
         with FlopCounterMode(display=False) as fc:
-            V.decode(vae, ref[:, :, :4])
+            vae.decode(ae, ref[:, :, :4])
         dflops = fc.get_total_flops() / (1 + 4 * 3) * (1 + 4 * (frames - 1))  # per pixel frame, scaled up
-        cfg = vae.config
+        cfg = ae.config
         std, mean = (torch.tensor(x, device=DEV).view(1, -1, 1, 1, 1) for x in (cfg.latents_std, cfg.latents_mean))
-        one_shot = lambda: ((vae.decode((ref * std + mean).to(vae.dtype)).sample.float().clamp(-1, 1) + 1) / 2)  # noqa
+        one_shot = lambda: ((ae.decode((ref * std + mean).to(ae.dtype)).sample.float().clamp(-1, 1) + 1) / 2)  # noqa
         pixels, t = timed(one_shot, 2)
         pixels = pixels.permute(0, 2, 1, 3, 4)
         add(dict(part="decode", variant="diffusers AutoencoderKLWan.decode (reference)", seconds=t,
@@ -183,18 +183,18 @@ def bench_generate(frames=21):
             if fast is not None:
                 t0 = time.perf_counter()
                 torch.backends.cudnn.benchmark = True
-                V.speed_up(vae, compile=fast)
-                V.Decoder(vae)(ref)
+                vae.speed_up(ae, compile=fast)
+                vae.Decoder(ae)(ref)
                 sync()
                 setup_s = time.perf_counter() - t0
-            out, t = timed(lambda: V.Decoder(vae)(ref), 2)
+            out, t = timed(lambda: vae.Decoder(ae)(ref), 2)
             add(dict(part="decode", variant=name, seconds=t, tflops=dflops / t / 1e12, ceiling=dflops / t / 805e12,
                      max_abs_err=float((out - pixels).abs().max()), **({"setup_s": setup_s} if fast else {})))
-        _, t = timed(lambda: V.Decoder(vae)(ref[:, :, :3]), 2)  # the first two chunks: their own layouts
+        _, t = timed(lambda: vae.Decoder(ae)(ref[:, :, :3]), 2)  # the first two chunks: their own layouts
         add(dict(part="decode", variant="  of which the first 3 latent frames (chunks of 1 and 2)", seconds=t))
         if PART != "e2e":
             print("profile: one compiled streaming decode", flush=True)
-            report["profile_decode"] = profile(lambda: V.Decoder(vae)(ref), shapes=True)
+            report["profile_decode"] = profile(lambda: vae.Decoder(ae)(ref), shapes=True)
 
         # 3. end to end, text encoding included: decode after generation, or progressive (as sample.py). Decoding
         # on a second CUDA stream, overlapped with the next block, was measured too (H100, 2026-11-22: 3.92 s
@@ -205,7 +205,7 @@ def bench_generate(frames=21):
             ev["start"].record()
             text_kv = m.text_kv(wan.text_encoder([PROMPT]))
             ev["text"].record()
-            dec, out = V.Decoder(vae), []
+            dec, out = vae.Decoder(ae), []
 
             def on_block(x0):  # as sample.py: the first latent frame alone, so the first frame is out at once
                 for part in (x0[:, :, :1], x0[:, :, 1:]) if dec.frames == 0 and progressive else (x0,):

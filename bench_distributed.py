@@ -10,15 +10,15 @@ import time
 import torch
 import torch.nn as nn
 
-import model as M
-import rewards as R
+import model
+from config import DEFAULT_OFFLINE_SPEC
 import train
 from bench_models import DEV, DT, OUT_DIR, TINY, WAN_1_3B, paper_config, real_wan
 
 
 def bench_scale_worker(steps=3):
     """One process of `torchrun bench.py scale-worker`: real-size generator, offline rewards, G = 4 per rank."""
-    cfg = paper_config("--group_size=4", "--micro_batch=4", "--clip_start=9", f"--reward={R.DEFAULT_OFFLINE_SPEC}")
+    cfg = paper_config("--group_size=4", "--micro_batch=4", "--clip_start=9", f"--reward={DEFAULT_OFFLINE_SPEC}")
     ctx = train.build(cfg, real_wan())
     times = [train.train_step(s, cfg, ctx)["step_time"] for s in range(1, steps + 1)][1:]
     if ctx.rank == 0:
@@ -49,13 +49,13 @@ def bench_fsdp(gb=1e9):
     import gc
     # (c) counts what policy.Policy builds: theta, grad, AdamW, theta_old, theta_ref
     world, rows = int(os.environ.get("WORLD_SIZE", 1)), []
-    wan, offline = real_wan(), f"--reward={R.DEFAULT_OFFLINE_SPEC}"
+    wan, offline = real_wan(), f"--reward={DEFAULT_OFFLINE_SPEC}"
     runs = [("1.3B", "full, whole-model unit", ["--lora_rank=0", "--fsdp_per_block=false"]),
             ("1.3B", "full, per-block units", ["--lora_rank=0"])]
     small = ["--clip_frames=3", "--group_size=2", "--micro_batch=1"]
     runs += [("14B", "LoRA, base whole", small), ("14B", "full, per-block units", small + ["--lora_rank=0"])]
     with torch.device("meta"):
-        big = {k: M.WanTransformer3DModel(**c) for k, c in (("1.3B", WAN_1_3B), ("14B", M.WAN_14B))}
+        big = {k: model.WanTransformer3DModel(**c) for k, c in (("1.3B", WAN_1_3B), ("14B", model.WAN_14B))}
     count = {k: sum(p.numel() for p in m.parameters()) for k, m in big.items()}
     block = {k: sum(p.numel() for p in m.blocks[0].parameters()) for k, m in big.items()}
     lora = {k: sum(256 * sum(mod.weight.shape) for n, mod in m.named_modules() if n.startswith("blocks.")
@@ -72,9 +72,9 @@ def bench_fsdp(gb=1e9):
         torch.manual_seed(0)
         torch.set_default_dtype(DT)  # made in bf16 at once: 14B in fp32 first would need 56 GB more
         with torch.device(DEV):
-            tr = M.WanTransformer3DModel(**(M.TINY_TRANSFORMER if TINY else WAN_1_3B if size == "1.3B" else M.WAN_14B))
+            tr = model.WanTransformer3DModel(**(model.TINY_TRANSFORMER if TINY else WAN_1_3B if size == "1.3B" else model.WAN_14B))
         torch.set_default_dtype(torch.float32)
-        wan.model = M.CausalWan(tr).eval()
+        wan.model = model.CausalWan(tr).eval()
         cfg = paper_config("--clip_start=0", offline, *extra)
         t0 = time.perf_counter()
         ctx = train.build(cfg, wan)

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 import config
-import model as M
-import reward_models as RM
-import rewards as R
+import model
+import reward_models
+import rewards
 
-WAN_1_3B = dict(M.TINY_TRANSFORMER, num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
+WAN_1_3B = dict(model.TINY_TRANSFORMER, num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
                 ffn_dim=8960, num_layers=30)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -30,7 +30,7 @@ PRESET = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")
 def real_wan():
     """Wan2.1-T2V-1.3B transformer, umT5-XXL encoder and the Wan VAE at full size, random weights on DEV."""
     if TINY:
-        return M.load_tiny().to(DEV)
+        return model.load_tiny().to(DEV)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
     torch.manual_seed(0)
@@ -40,9 +40,9 @@ def real_wan():
             if set(name.split(".")) & set(tr._keep_in_fp32_modules):
                 p.data = p.data.float()
         enc = UMT5EncoderModel(UMT5Config(**UMT5_XXL)).to(DT).eval()
-        vae = AutoencoderKLWan().to(DT).eval()
+        ae = AutoencoderKLWan().to(DT).eval()
     # byte-level tokens: the same 512-token encoder cost as umT5's own tokenizer
-    return M.Wan(M.CausalWan(tr).eval(), M.TextEncoder(ByT5Tokenizer(), enc, 512), vae).to(DEV)
+    return model.Wan(model.CausalWan(tr).eval(), model.TextEncoder(ByT5Tokenizer(), enc, 512), ae).to(DEV)
 
 
 # Qwen2's pre-tokenizer (its tokenizer.json "Split" pattern): words with their leading space, single digits,
@@ -62,13 +62,13 @@ def qwen2_sized_tokenizer():
     templates; the vocabulary is padded to Qwen2-VL's 151,936 rows so the embeddings have their real size."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(["<unk>"] + RM.SPECIALS)}
+    vocab = {t: i for i, t in enumerate(["<unk>"] + reward_models.SPECIALS)}
     vocab.update({f"<unused{i}>": i for i in range(len(vocab), QWEN2_VOCAB)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
                                                  pre_tokenizers.Split(Regex(r"[\s\S]{1,10}"), "isolated")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": RM.SPECIALS})  # never split (already in the vocabulary)
+    fast.add_special_tokens({"additional_special_tokens": reward_models.SPECIALS})  # never split (already in the vocabulary)
     return fast
 
 
@@ -76,8 +76,8 @@ def reward_text_tokens(tok):
     """Mean text tokens of an HPSv3 / VideoAlign input over prompts/train.txt: ours, Qwen2's and the ratio."""
     prompts = config.read_prompts("prompts/train.txt")
     rows = {}
-    for name, template in (("hpsv3", RM.HPSV3_TEXT), ("videoalign", RM.VIDEOALIGN_TEXT)):
-        n = statistics.mean(len(tok(RM.CHAT.format(vision="", text=template.format(text_prompt=p))).input_ids)
+    for name, template in (("hpsv3", reward_models.HPSV3_TEXT), ("videoalign", reward_models.VIDEOALIGN_TEXT)):
+        n = statistics.mean(len(tok(reward_models.CHAT.format(vision="", text=template.format(text_prompt=p))).input_ids)
                             for p in prompts)
         rows[name] = dict(template_chars=len(template), tokens=n, qwen2_tokens=QWEN2_REAL_TOKENS[name],
                           ratio=n / QWEN2_REAL_TOKENS[name], chars_per_token=len(template) / n)
@@ -102,17 +102,17 @@ def real_rewards(wrap=lambda name, fn: fn):
                               vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2))] * 2
         dims, pixels = (32, 32), [(4 * 784, 4 * 784), (4 * 784, 4 * 784)]
     else:
-        cfgs = [RM.qwen2vl_config(3584, 18944, 28, 4, len(tok)), RM.qwen2vl_config(1536, 8960, 12, 2, len(tok))]
+        cfgs = [reward_models.qwen2vl_config(3584, 18944, 28, 4, len(tok)), reward_models.qwen2vl_config(1536, 8960, 12, 2, len(tok))]
         dims, pixels = (3584, 1536), [(200704, 200704), (128 * 28 * 28, 200704)]
     with torch.device(DEV):
-        hps = RM.HPSv3(cfgs[0], RM.hpsv3_head(dims[0]), tok, pixels[0], dtype=DT)
-        va = RM.VideoAlign(cfgs[1], nn.Linear(dims[1], 3, bias=False, dtype=DT), tok, pixels[1],
+        hps = reward_models.HPSv3(cfgs[0], reward_models.hpsv3_head(dims[0]), tok, pixels[0], dtype=DT)
+        va = reward_models.VideoAlign(cfgs[1], nn.Linear(dims[1], 3, bias=False, dtype=DT), tok, pixels[1],
                           {f"{a}_{s}": float(s == "std") for a in ("VQ", "MQ", "TA") for s in ("mean", "std")}, dtype=DT)
     for mdl in (hps, va):
         mdl.eval().requires_grad_(False)
     names = ["hpsv3", "videoalign_mq", "videoalign_ta"]
     fns = [hps.score, partial(va.score, axis="MQ", gray=True), partial(va.score, axis="TA", gray=False)]
-    return R.CompositeReward(names, [1.0] * 3, [wrap(n, f) for n, f in zip(names, fns)], [hps, va, va]), counts
+    return rewards.CompositeReward(names, [1.0] * 3, [wrap(n, f) for n, f in zip(names, fns)], [hps, va, va]), counts
 
 
 def paper_config(*extra):

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fast_train
 import offload
 import train
-import vae as V
+import vae
 from bench_models import DEV, OUT_DIR, PRESET, PROMPT, TINY, paper_config, real_rewards, real_wan
 from policy import Policy
 
@@ -106,8 +106,8 @@ def instrument(ctx):
             FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
             FLOPS["_seen"] = COUNTER.total
     ctx.lap_hook = lap_hook
-    warm = V.history_decoder
-    V.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]
+    warm = vae.history_decoder
+    vae.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]
     net = ctx.policy.net
 
     def policy_net(name):  # train_step asks for "ref", runs its forward, then asks for "default"
@@ -165,13 +165,13 @@ def bench_train():
     if unknown or {"compile_train", "checkpoint_attention"} <= set(FAST):
         raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {FAST}")
     cfg = levers(paper_config(), ())
-    wan, (rewards, counts) = real_wan(), real_rewards(counted)
+    wan, (reward_fn, counts) = real_wan(), real_rewards(counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
     probe = torch.rand(1, 8, 3, wan.height, wan.width, generator=torch.Generator().manual_seed(0)).to(DEV)
-    text_ref, score_ref = wan.text_encoder([PROMPT]), rewards(probe, [PROMPT])
-    ctx = train.build(cfg, wan, rewards)
+    text_ref, score_ref = wan.text_encoder([PROMPT]), reward_fn(probe, [PROMPT])
+    ctx = train.build(cfg, wan, reward_fn)
     text_err = float((wan.text_encoder([PROMPT]) - text_ref).abs().max())
-    score_err = max(abs(float(v - score_ref[k])) for k, v in rewards(probe, [PROMPT]).items())
+    score_err = max(abs(float(v - score_ref[k])) for k, v in reward_fn(probe, [PROMPT]).items())
     import resource  # peak resident host memory: pinned blocks are rounded up to powers of two by the host allocator
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"built in {time.perf_counter() - t_start:.0f}s (host peak RSS {rss:.1f} GB); parked vs resident outputs: "

@@ -48,7 +48,7 @@ def user_rows(wan):
     (the fast path's break-even, fast.PAYS_FROM_FRAMES, comes from these rows)."""
     out = os.path.join(OUT_DIR, "user")
     os.makedirs(out, exist_ok=True)
-    model = [] if TINY else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
+    folder = [] if TINY else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
     caches = tempfile.mkdtemp(prefix="compile-caches-")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")
@@ -68,7 +68,7 @@ def user_rows(wan):
                                                          os.path.join(out, "many")])]
     rows = []
     for name, args in jobs[:int(os.environ.get("BENCH_USER_JOBS", len(jobs)))]:  # the first N only, where time is short
-        wall, videos, warm = run(model + args, env)
+        wall, videos, warm = run(folder + args, env)
         first = videos[0]
         rows.append(dict(part="sample.py", variant=name, fps_end_to_end=first[2], seconds=first[1],
                          first_frame_s=first[3], warm_up_s=warm[1] if warm else 0.0, command_s=wall,

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-import checkpoints as C
+import checkpoints
 from config import read_prompts
 from fast import PAYS_FROM_FRAMES, compiled, wanted
 from rewards import build_reward, check_rewards, parse_spec
@@ -84,10 +84,10 @@ def check_args(a):
             if getattr(a, flag) and not os.path.exists(getattr(a, flag)):
                 raise FileNotFoundError(f"--{flag} {getattr(a, flag)} does not exist")
         if a.model:
-            C.check_model_dir(a.model)
+            checkpoints.check_model_dir(a.model)
         for flag in ("lora", "lora_b"):
             if getattr(a, flag):
-                C.check_trained(getattr(a, flag))
+                checkpoints.check_trained(getattr(a, flag))
         check_rewards(names, a)  # train.py's check: a model reward without its --hpsv3 / --videoalign is refused
         if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"--device {a.device}: no CUDA GPU is available")
@@ -118,10 +118,10 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: vae.py, above FAST)
         torch._dynamo.config.recompile_limit = 64
     for label, lora in [("A", a.lora)] + ([("B", a.lora_b)] if a.lora_b else []):
-        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha,
+        wan = checkpoints.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha,
                      dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
         if lora:
-            C.load_trained(wan.model.transformer, lora)
+            checkpoints.load_trained(wan.model.transformer, lora)
         wan.to(dev)
         wan.height, wan.width = a.height or wan.height, a.width or wan.width
 

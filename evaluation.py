@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import vae as V
+import vae
 from rollout import draw_noise, generate, new_cache, seed_of
 
 
@@ -33,7 +33,7 @@ def score_samples(net, wan, reward_fn, prompts, seeds, frames, sink, window, n=3
         i, j = work[w % len(work)]
         chunk = seeds[j:j + batch]
         noise = torch.cat([draw_noise(seed_of(seed, i, s), 1, shape, dev) for s in chunk])
-        dec, blocks = V.Decoder(wan.vae), []  # progressive: each block decoded as soon as it is generated
+        dec, blocks = vae.Decoder(wan.vae), []  # progressive: each block decoded as soon as it is generated
         with amp():
             cache = new_cache(net, len(chunk), shape, sink, window, n)
             generate(net, net.text_kv(wan.text_encoder([prompts[i]])), noise, cache, 0, n, cache_last_block=False,

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-import checkpoints as C
+import checkpoints
 from config import PRESETS, Config
 from files import read_json, read_torch
 
@@ -42,19 +42,19 @@ p.add_argument("--dtype", default="bfloat16", help="bfloat16 (as the upstream ch
 def read_run(path):
     """The checkpoint's training config, step and LoRA settings; every problem is one SystemExit line, before
     any weight is read."""
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, C.STATE)):
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, checkpoints.STATE)):
         raise SystemExit(f"error: {path} is not a train.py checkpoint folder (a ckpt-NNNNNN folder with state.pt)")
-    state = read_torch(os.path.join(path, C.STATE))
+    state = read_torch(os.path.join(path, checkpoints.STATE))
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
         raise SystemExit(f"error: {path}/state.pt is not a train.py checkpoint state (no config or step)")
-    lora = os.path.isfile(os.path.join(path, C.ADAPTER_CONFIG))
-    if not lora and not os.path.isfile(os.path.join(path, C.THETA_FILES[False])):
-        raise SystemExit(f"error: {path} holds neither {C.ADAPTER_CONFIG} nor {C.THETA_FILES[False]}")
+    lora = os.path.isfile(os.path.join(path, checkpoints.ADAPTER_CONFIG))
+    if not lora and not os.path.isfile(os.path.join(path, checkpoints.THETA_FILES[False])):
+        raise SystemExit(f"error: {path} holds neither {checkpoints.ADAPTER_CONFIG} nor {checkpoints.THETA_FILES[False]}")
     cfg = state["config"]
     for key in ("model", "checkpoint", "base_lora"):  # the base the policy was trained on must be where it was
         if cfg.get(key) and not os.path.exists(cfg[key]):
             raise SystemExit(f"error: the base {key} {cfg[key]} this checkpoint was trained on does not exist")
-    alpha = read_json(os.path.join(path, C.ADAPTER_CONFIG)).get("lora_alpha") if lora else None
+    alpha = read_json(os.path.join(path, checkpoints.ADAPTER_CONFIG)).get("lora_alpha") if lora else None
     return cfg, state["step"], lora, alpha
 
 
@@ -82,14 +82,14 @@ def check_args(a):
 def merged(a, cfg):
     """The policy as one transformer: the base as train.py built it (fp32, so the merge is exact) with the
     checkpoint folded in."""
-    tr = C.load_transformer(cfg.get("model"), cfg.get("checkpoint"), cfg.get("checkpoint_key"), cfg.get("base_lora"),
+    tr = checkpoints.load_transformer(cfg.get("model"), cfg.get("checkpoint"), cfg.get("checkpoint_key"), cfg.get("base_lora"),
                             cfg.get("base_lora_alpha"), dtype=torch.float32)
-    return C.load_trained(tr, a.checkpoint, a.which)
+    return checkpoints.load_trained(tr, a.checkpoint, a.which)
 
 
 def original_layout(sd, dtype):
     """diffusers names -> `model.`-prefixed original-Wan keys (the generator wrapper Self-Forcing and LongLive load)."""
-    return {f"model.{C.diffusers_to_wan(k)}": v.to(dtype).contiguous() for k, v in sd.items()}
+    return {f"model.{checkpoints.diffusers_to_wan(k)}": v.to(dtype).contiguous() for k, v in sd.items()}
 
 
 def longlive_lora(a, cfg, alpha, dtype):
@@ -99,16 +99,16 @@ def longlive_lora(a, cfg, alpha, dtype):
     trained adapter's alpha / r. Keys as LongLive's get_peft_model_state_dict writes them:
     base_model.model.<original-Wan module>.lora_A/lora_B.weight."""
     from files import read_safetensors
-    name = C.THETA_FILES[True] if a.which == "theta" else C.TRAINED_FILES[a.which]
+    name = checkpoints.THETA_FILES[True] if a.which == "theta" else checkpoints.TRAINED_FILES[a.which]
     pairs = {}
     trained = read_safetensors(os.path.join(a.checkpoint, name))
-    for src, a_src in ((C.read_checkpoint(cfg["base_lora"]), cfg.get("base_lora_alpha")), (trained, alpha)):
+    for src, a_src in ((checkpoints.read_checkpoint(cfg["base_lora"]), cfg.get("base_lora_alpha")), (trained, alpha)):
         part = {}
         for k, v in src.items():
             m = re.match(r"(.*)\.lora_([AB])(\.[^.]+)?\.weight$", k)
             if not m:
                 raise SystemExit(f"error: {k!r} is not a LoRA key")
-            module = C.wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")]
+            module = checkpoints.wan_to_diffusers(m.group(1) + ".weight")[:-len(".weight")]
             part.setdefault(module, {})[m.group(2)] = v.float()
         rank = next(iter(part.values()))["A"].shape[0]
         s = (a_src or rank) / rank  # alpha None: alpha = r, as checkpoints.merge_lora merges the base LoRA
@@ -121,7 +121,7 @@ def longlive_lora(a, cfg, alpha, dtype):
         (A0, B0, _), pad = parts[0], full - sum(r for *_, r in parts)
         A = torch.cat([A for A, _, _ in parts] + [A0.new_zeros(pad, A0.shape[1])])
         B = torch.cat([B for _, B, _ in parts] + [B0.new_zeros(B0.shape[0], pad)], 1)
-        key = "base_model.model." + C.diffusers_to_wan(module + ".weight")[:-len(".weight")]
+        key = "base_model.model." + checkpoints.diffusers_to_wan(module + ".weight")[:-len(".weight")]
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = A.to(dtype).contiguous(), B.to(dtype).contiguous()
     return out, full
 

@@ -15,8 +15,8 @@ checkpoint_attention  with gradient_checkpointing: keep each block's self-attent
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-import model as M
-import vae as V
+import model
+import vae
 
 _aten = torch.ops.aten
 SDPA_OPS = {_aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
@@ -36,12 +36,12 @@ def keep_self_attention(ctx, op, *args, **kwargs):
 
 
 def _stages(net, compiled):
-    net.stages = net.compile_blocks().stages if compiled else M.BLOCK_STAGES  # compiled once per net (model.py)
+    net.stages = net.compile_blocks().stages if compiled else model.BLOCK_STAGES  # compiled once per net (model.py)
 
 
-def _decoder(vae, compiled):
-    if compiled or vae in V.FAST:  # off: the layout and padding changes stay (the same arithmetic), run eagerly
-        V.speed_up(vae, compile=compiled)
+def _decoder(autoencoder, compiled):
+    if compiled or autoencoder in vae.FAST:  # off: the layout and padding changes stay (the same arithmetic), eager
+        vae.speed_up(autoencoder, compile=compiled)
 
 
 def configure(ctx, cfg, compile=None):
@@ -49,12 +49,12 @@ def configure(ctx, cfg, compile=None):
     compile: use torch.compile (default: on CUDA)."""
     cuda = ctx.device.type == "cuda"
     compile = cuda if compile is None else compile
-    pol, model, vae = ctx.policy, ctx.policy.model, ctx.wan.vae
+    pol, net = ctx.policy, ctx.policy.model
     pol.use_merged = cfg.merged_rollouts and pol.lora
     if pol.merge_old() is not None:
         _stages(pol.merged, compile)
-    _decoder(vae, cfg.fast_decode and compile)
-    model.train_attention = M.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
-    _stages(model, cfg.compile_train and compile)
-    model.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None
+    _decoder(ctx.wan.vae, cfg.fast_decode and compile)
+    net.train_attention = model.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
+    _stages(net, cfg.compile_train and compile)
+    net.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None
     return ctx

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-import loss as L
+import loss
 from config import resume_changes
 from files import read_safetensors, read_torch, replace_durably, write_text_durably
 from checkpoints import ADAPTER_CONFIG, STATE, check_finite, trained_files
@@ -55,7 +55,7 @@ class Policy:
                 if world > 1:
                     shard(net, cfg.fsdp_per_block, master_fp32=name != "ref")
         for name in ("old", "ref"):
-            L.copy_(self.params(name), self.params("default"))
+            loss.copy_(self.params(name), self.params("default"))
         self.net("default")
         self.merged, self.use_merged = None, False  # theta_old folded into a plain copy (merge_old)
         self.n = cfg.frames_per_block

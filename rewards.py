@@ -10,7 +10,7 @@ from functools import partial
 
 import torch
 
-from config import DEFAULT_OFFLINE_SPEC, parse_spec  # noqa: F401 (DEFAULT_OFFLINE_SPEC: for callers)
+from config import parse_spec
 from offload import resident
 from reward_models import load_hpsv3, load_videoalign, luma, top30_mean
 

@@ -6,10 +6,10 @@ import os
 import torch
 import torch.distributed as dist
 
-import checkpoints as C
+import checkpoints
 import fast
-import loss as L
-import model as M
+import loss
+import model
 import offload
 from config import parse_spec, read_prompts
 from logs import RunLog
@@ -26,11 +26,11 @@ class Run:
     device: torch.device
     prompts: list            # the training prompts (cfg.prompts), one per line
     eval_prompts: list       # the held-out prompts (cfg.eval_prompts)
-    wan: M.Wan               # generator, text encoder, VAE
+    wan: model.Wan               # generator, text encoder, VAE
     reward_fn: object        # rewards.CompositeReward: frames, prompts -> {name: [N]} with "composite"
     policy: Policy           # theta, theta_old, theta_ref
     opt: torch.optim.Optimizer
-    ctrl: L.Controller       # the uncertainty mask's rho and the dynamic reference's clock
+    ctrl: loss.Controller       # the uncertainty mask's rho and the dynamic reference's clock
     fast_eval: bool = False  # held-out evaluations through the compiled sampling path (fast.py)
     log: RunLog = None       # rank 0's log (logs.py), None elsewhere
     spread: dict = dataclasses.field(default_factory=dict)  # the last step's rewards and advantages (histograms)
@@ -78,13 +78,13 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
              "videoalign_base": cfg.videoalign_base}
     reward_fn = reward_fn or build_reward(cfg.reward, device, {k: v for k, v in paths.items() if v})
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    wan = (wan or C.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
+    wan = (wan or checkpoints.load(cfg.model, cfg.checkpoint, cfg.checkpoint_key, cfg.base_lora, cfg.base_lora_alpha,
                          dtype=dtype)).to(device)
     wan.height, wan.width = cfg.height or wan.height, cfg.width or wan.width
     # umT5 and the reward models wait in pinned CPU memory outside their phase (offload.py; no-op on the CPU)
     offload.park(wan.text_encoder.encoder.requires_grad_(False), device)
-    for model in filter(None, getattr(reward_fn, "models", [])):
-        offload.park(model, device)
+    for scorer in filter(None, getattr(reward_fn, "models", [])):
+        offload.park(scorer, device)
     torch.manual_seed(cfg.seed)  # after loading: load_tiny seeds its fixed weights itself; the LoRA init follows --seed
     policy = Policy(cfg, wan, world)
     opt = torch.optim.AdamW(policy.params("default"), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -97,6 +97,6 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     fast_eval = (policy.lora or world == 1) and \
         fast.wanted(None, device, evals * len(eval_prompts) * cfg.eval_seeds * cfg.eval_frames / world)
     run = Run(rank, world, device, prompts, eval_prompts, wan, reward_fn, policy, opt,
-              L.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max), fast_eval)
+              loss.Controller(cfg.rho, tau_kl=cfg.tau_kl, k_max=cfg.k_max), fast_eval)
     from fast_train import configure
     return configure(run, cfg)  # the fast paths: merged rollouts, compiled decoder, attention (fast_train.py)

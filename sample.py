@@ -17,8 +17,8 @@ import time
 
 import torch
 
-import checkpoints as C
-import vae as V
+import checkpoints
+import vae
 from config import read_prompts
 from fast import PAYS_FROM_FRAMES, wanted
 from files import VideoFile, remove_stale_tmp
@@ -122,9 +122,9 @@ def check_args(a):
             raise SystemExit(f"error: --{flag} {getattr(a, flag)} does not exist")
     try:  # the folders' contents too: a wrong folder is named now, not after the generator is built
         if a.model:
-            C.check_model_dir(a.model)
+            checkpoints.check_model_dir(a.model)
         if a.lora:
-            C.check_trained(a.lora)
+            checkpoints.check_trained(a.lora)
     except OSError as e:
         raise SystemExit(f"error: {e}") from None
     if (a.checkpoint or a.base_lora) and not a.model:
@@ -170,7 +170,7 @@ def dry_run(frames, switches, sink, window, n, chunk=3):
 def render(wan, kvs, switches, noise, cache, n, global_sink=True, write=lambda frames: None, progress=False):
     """One video through the sampling path: generate block by block into `cache`, each block decoded as soon as it
     exists (progressive) and passed to write(frames [T, 3, H, W]). Returns the seconds to the first frames."""
-    t0, first, decoder = time.perf_counter(), [], V.Decoder(wan.vae)
+    t0, first, decoder = time.perf_counter(), [], vae.Decoder(wan.vae)
 
     def on_block(x0):
         for part in (x0[:, :, :1], x0[:, :, 1:]) if decoder.frames == 0 else (x0,):  # first frame out at once
@@ -197,9 +197,9 @@ def main(argv=None):
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     try:  # the loaders raise ValueError / OSError naming the bad file, key or value: one line, no traceback
-        wan = C.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha, dtype=dtype)
+        wan = checkpoints.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha, dtype=dtype)
         if a.lora:
-            C.load_trained(wan.model.transformer, a.lora)
+            checkpoints.load_trained(wan.model.transformer, a.lora)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if a.frames > wan.model.max_frames:  # cached keys keep absolute positions: the RoPE table bounds the video
@@ -217,7 +217,7 @@ def main(argv=None):
         torch._dynamo.config.recompile_limit = 64
         t0 = time.perf_counter()
         m.compile_blocks()
-        V.speed_up(wan.vae)
+        vae.speed_up(wan.vae)
         frames, dry_switches = dry_run(a.frames, switches, a.sink_frames, a.window_frames, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
         render(wan, [kv] * (1 + len(dry_switches)), dry_switches,

@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import evaluation as E
+import evaluation
 import fast
-import loss as L
-import model as M
+import loss
+import model
 import offload
-import vae as V
+import vae
 from config import check_config, check_frames, parse_config
 from files import remove_stale_tmp, save_video
 from logs import RunLog, check_log
@@ -147,7 +147,7 @@ def rollout_and_score(step, s, prompts, cfg, ctx, phases):
         # by the group like the KV prefix (vae.py); kept in (pinned) host memory and scored per micro-batch, so
         # GPU memory stays flat in G (G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24; offload.py)
         with phases("decode"):
-            dec, frames = V.history_decoder(ctx.wan.vae, ro.group.history), None
+            dec, frames = vae.history_decoder(ctx.wan.vae, ro.group.history), None
             for i in range(0, G, m):
                 x = dec.fork(min(m, G - i))(ro.group.clips[i:i + m])
                 frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
@@ -166,7 +166,7 @@ def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
     layout and Eq. 1-2's loss plus the selective KL where masked, backward. Returns the advantages A, their r, the
     mask, the step's masked count on all ranks, and the summed policy loss and KL (device scalars: no host sync)."""
     P, G, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.micro_batch, ctx.device
-    A, r = L.advantages(rewards["composite"], G, cfg.a_max)
+    A, r = loss.advantages(rewards["composite"], G, cfg.a_max)
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
     mask_host, micro = mask.cpu(), [(j, i) for j in range(P) for i in range(0, G, m)]  # one transfer: branched on
     # the reference forward runs only where the KL applies; sharded (FSDP2) weights make every forward a collective,
@@ -183,7 +183,7 @@ def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
             noise_gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, ctx.rank * P + j, 2))
         sl, x0 = slice(j * G + i, j * G + i + b), ro.group.clips[i:i + b]
         sigma = torch.tensor(SIGMAS)[torch.randint(len(SIGMAS), (b,), generator=noise_gen)].to(dev)
-        x_t = M.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
+        x_t = model.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
         args = (x_t, sigma, ro.text)
         with autocast(dev):
             with ctx.policy.using("old") as old:  # history prefix + the candidates' clean clip K/V (Streaming Long Tuning)
@@ -194,12 +194,12 @@ def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
         with net.no_sync() if hasattr(net, "no_sync") and k < len(micro) - 1 else contextlib.nullcontext():
             with autocast(dev):
                 x0_theta = ctx.policy.x0("default", *args, cache, ro.group.start)
-            loss = L.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=P * G)  # Eq. 1-2
+            mb_loss = loss.policy_loss(x0_theta, x0_old, x0, r[sl], cfg.beta, n=P * G)  # Eq. 1-2
             if x0_ref is not None:  # selective KL on the masked samples
-                loss = loss + L.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, masked_total / ctx.world)
+                mb_loss = mb_loss + loss.kl_loss(x0_theta, x0_ref, mask[sl], cfg.kl_weight, masked_total / ctx.world)
                 kl_sum = kl_sum + ((x0_theta.detach() - x0_ref).square().flatten(1).mean(1) * mask[sl]).sum()
-            loss.backward()
-        policy_loss = policy_loss + loss.detach()
+            mb_loss.backward()
+        policy_loss = policy_loss + mb_loss.detach()
         del cache  # before the next micro-batch builds its own (10.3 GB for 3 candidates at the 1.3B size)
     return A, r, mask, masked_total, policy_loss, kl_sum
 
@@ -215,12 +215,12 @@ def update_policies(step, rewards, kl_sum, masked_total, cfg, ctx):
                            f"{ {k: float(v.double().abs().max()) for k, v in rewards.items()} } at most)")
     ctx.opt.step()
     ctx.opt.zero_grad(set_to_none=True)
-    L.ema_(ctx.policy.params("old"), params, cfg.gamma)
+    loss.ema_(ctx.policy.params("old"), params, cfg.gamma)
     ctx.policy.merge_old()  # the rollouts' merged copy follows theta_old
     kl = all_sum(kl_sum)[0] / max(masked_total, 1)
     reset = ctx.ctrl.should_reset_reference(kl)
     if reset:
-        L.copy_(ctx.policy.params("ref"), params)
+        loss.copy_(ctx.policy.params("ref"), params)
     return grad_norm, kl, reset
 
 
@@ -255,11 +255,11 @@ def evaluate(step, cfg, ctx):
             ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
     seeds = list(range(cfg.eval_seeds))
     with fast.compiled(net, ctx.wan.vae) if ctx.fast_eval else contextlib.nullcontext():
-        scores = E.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
+        scores = evaluation.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
                                  cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
                                  lambda: autocast(ctx.device), save, ctx.rank, ctx.world)
     if ctx.rank == 0:
-        E.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
+        evaluation.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
     return scores
 
 
@@ -304,9 +304,9 @@ def main(argv):
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:
         base = evaluate(0, cfg, ctx)
-        log and log.row({"step": 0, **E.summary(base, base)})
+        log and log.row({"step": 0, **evaluation.summary(base, base)})
     elif cfg.eval_every and os.path.isfile(base_csv):
-        base = E.read_scores(base_csv, "theta")
+        base = evaluation.read_scores(base_csv, "theta")
         if base["composite"].shape != (len(ctx.eval_prompts), cfg.eval_seeds):
             raise SystemExit(f"error: {base_csv} holds {tuple(base['composite'].shape)} prompts x seeds, this run "
                              f"evaluates {len(ctx.eval_prompts)} x eval_seeds={cfg.eval_seeds}: they cannot be paired")
@@ -319,7 +319,7 @@ def main(argv):
                        f"(--reward={cfg.reward}): zero advantages, nothing is being learnt (log: flat_groups)")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             last_eval = evaluate(step, cfg, ctx)
-            row.update(E.summary(last_eval, base))
+            row.update(evaluation.summary(last_eval, base))
         if log and (step % cfg.log_every == 0 or "eval/composite" in row):
             log.row(row)
             log.histograms(step, ctx.spread)
@@ -339,7 +339,7 @@ def main(argv):
     log and log.close()
     if ctx.rank == 0 and base is not None and last_eval is not None:
         print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), paired change step 0 -> "
-              f"{cfg.steps}:\n" + E.table({"step 0": base, f"step {cfg.steps}": last_eval}, ["step 0", f"step {cfg.steps}"]))
+              f"{cfg.steps}:\n" + evaluation.table({"step 0": base, f"step {cfg.steps}": last_eval}, ["step 0", f"step {cfg.steps}"]))
     if ctx.rank == 0:
         release(cfg.out_dir)
     if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock

@@ -21,10 +21,18 @@ from rollout import draw_noise, group_rollout
 
 
 # ------------------------------------------------------------------ train.py under torchrun
-def torchrun(args, port):
-    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args):
+    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum. The
+    rendezvous port is a free one, not a fixed number another run on the machine may hold."""
     import subprocess
     import sys
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -35,7 +43,7 @@ def torchrun(args, port):
 
 
 def test_two_process_torchrun_ends_with_identical_weights(tmp_path):  # LoRA under DDP
-    torchrun([*FAST, "--steps=2", "--eval_every=2", f"--out_dir={tmp_path}"], 29517)
+    torchrun([*FAST, "--steps=2", "--eval_every=2", f"--out_dir={tmp_path}"])
 
 
 def test_per_block_fsdp2_on_two_processes_equals_one_process_and_resumes(tmp_path):
@@ -44,8 +52,8 @@ def test_per_block_fsdp2_on_two_processes_equals_one_process_and_resumes(tmp_pat
     from safetensors.torch import load_file
     args = [*FAST, "--lora_rank=0", "--gamma=0.9", "--lr=1e-3", "--steps=2"]  # gamma 0.9: theta_old's EMA must resume
     train.main([*args, "--prompts_per_rank=2", f"--out_dir={tmp_path / 'one'}"])
-    torchrun([*args, "--steps=1", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"], 29527)
-    out = torchrun([*args, "--eval_every=2", "--resume=true", f"--out_dir={tmp_path / 'two'}"], 29528)
+    torchrun([*args, "--steps=1", "--eval_every=1", f"--out_dir={tmp_path / 'two'}"])
+    out = torchrun([*args, "--eval_every=2", "--resume=true", f"--out_dir={tmp_path / 'two'}"])
     assert "2 rank(s) x 1 prompt(s)" in out
     start = M.load_tiny().model.transformer.state_dict()
     for f in ("transformer.safetensors", "old.safetensors", "ref.safetensors"):
@@ -64,10 +72,7 @@ def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
     and its gradients, with and without gradient checkpointing, must equal the unsharded model's."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         plain = copy.deepcopy(wan.model)
         with torch.no_grad():

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
-from safetensors.torch import save_file
 
 import checkpoints as C
 import config

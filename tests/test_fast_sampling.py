@@ -100,7 +100,7 @@ def test_gpu_videos_compile_nothing_after_the_warm_up(tmp_path, capsys):
 def test_prompts_file_flags_rejected_before_loading(tmp_path, monkeypatch, args, msg):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "P").write_text("a fox\n")
-    monkeypatch.setattr(sample.C, "load", lambda *a, **k: pytest.fail("loaded a model before rejecting the input"))
+    monkeypatch.setattr(sample.checkpoints, "load", lambda *a, **k: pytest.fail("loaded a model before rejecting the input"))
     with pytest.raises(SystemExit, match=re.escape(msg)):
         sample.main(args + ["--device", "cpu"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["P"]  # nothing written
@@ -128,7 +128,7 @@ def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypat
             p.data = torch.randn(p.shape, generator=gen) * 0.3
     monkeypatch.setattr(train.os, "makedirs", lambda *a, **k: None)  # no samples/ folder: scores only
     monkeypatch.setattr(train, "save_video", lambda *a, **k: None)
-    monkeypatch.setattr(train.E, "write_scores", lambda *a, **k: None)
+    monkeypatch.setattr(train.evaluation, "write_scores", lambda *a, **k: None)
     stages = ctx.policy.model.stages
 
     def scores(fast_eval):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import video
-from rewards import DEFAULT_OFFLINE_SPEC, build_reward, colorfulness, prompt_color, smoothness
+from config import DEFAULT_OFFLINE_SPEC
+from rewards import build_reward, colorfulness, prompt_color, smoothness
 
 
 def test_offline_rewards_move_the_right_way():

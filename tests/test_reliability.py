@@ -19,7 +19,8 @@ import train
 from helpers import N, text_kv, video
 from kv_cache import KVCache
 from loss import Controller, advantages, kl_loss, policy_loss
-from rewards import DEFAULT_OFFLINE_SPEC, build_reward
+from config import DEFAULT_OFFLINE_SPEC
+from rewards import build_reward
 from rollout import draw_noise, generate, new_cache
 
 FAST = ["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3", "--max_history_frames=3",
