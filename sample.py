@@ -152,15 +152,17 @@ def dry_run(frames, switches, sink, window, n, chunk=3):
     captures all of them and the timed video none (returns its frames and switches).
 
     Calls differ in their cache slot until the sink + window is full, after which every block sits in the same slots;
-    a prompt switch's re-cache differs in its reach until the switch frame passes the sink + window, then repeats;
+    a prompt switch's re-cache differs in its reach until the switch frame passes the sink + window (from there
+    on it starts at r0 > 0, and with global_sink re-caches the window alone), then repeats: a late switch is
+    rehearsed at the first block start past the sink + window;
     the decoder meets its first latent frame alone, then chunks that end on multiples of `chunk`, each keyed by the
     layout of the chunk before (a cached slice keeps the strides of the tensor it was cut from), so the pattern
     repeats after lcm(n, chunk) frames once a chunk of `chunk` frames has been decoded. Two more blocks past the
     last of these cover the steady state and the last block, which skips its context pass."""
     full = -(-(sink + window) // n) * n  # first block start at which the cache is full
     period = n * chunk // math.gcd(n, chunk)
-    late = [s for s in switches if s >= full]
-    dry_switches = [s for s in switches if s < full] + ([full] if late else [])
+    late = (sink + window) // n * n + n  # the first block start past the sink + window (rollout.recache: r0 > 0)
+    dry_switches = [s for s in switches if s < late] + ([late] if any(s >= late for s in switches) else [])
     need = max(full, 1 + chunk + 2 * period, *(s + n for s in dry_switches)) + 2 * n
     if need >= frames:
         return frames, switches

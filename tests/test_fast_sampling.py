@@ -30,7 +30,8 @@ def test_dry_run_hand_table():
     # sink 3 + window 21 fills at frame 24; the decoder's chunk pattern (1, 2, 3, then 3 after 3) needs 10 frames
     assert sample.dry_run(21, [], 3, 21, 3) == (21, [])          # shorter than the dry run: the video itself
     assert sample.dry_run(120, [], 3, 21, 3) == (30, [])         # full at 24, two blocks more
-    assert sample.dry_run(120, [6, 60, 90], 3, 6, 3) == (18, [6, 9])  # late switches repeat the first at 9
+    assert sample.dry_run(120, [6, 60, 90], 3, 6, 3) == (21, [6, 12])  # late switches repeat the first past 9
+    assert sample.dry_run(120, [9, 12], 3, 6, 3) == (21, [9, 12])      # at 9 the re-cache reaches frame 0, at 12 not
     assert sample.dry_run(120, [3], 3, 3, 1) == (12, [3])        # 1-frame blocks: full at 6, decoder needs 10
 
 
@@ -38,6 +39,8 @@ def test_dry_run_hand_table():
     ["--frames", "12"],                                                  # no eviction
     ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
     ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b", "--switch", "20", "--global_sink", "0"],
+    # a late switch alone: with the sink kept it re-caches the window only (6 frames), a reach no block call meets
+    ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b", "--switch", "27"],
 ])
 def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, capsys, args):
     """dynamo's eager backend on the CPU: the same tracing, guards and recompilations as on the GPU, no codegen.
