@@ -336,7 +336,7 @@ if __name__ == "__main__":
         raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|e2e|user] "
                          f"[train: --preset=self_forcing|longlive --rows=s:G,... --levers=a,b,... --no-flops "
                          f"--check-scaling]")
-    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: vae.py, above FAST)
+    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: vae.py, FAST)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64
     result = commands[args[0]]()

@@ -323,9 +323,11 @@ def responsive_tiny_vae(vae):
 
 
 def load_tiny(seed=0, text_len=32):
-    """A tiny, seeded Wan: 2 layers of width 32, 64x64 pixels (8x8 latents, 16 tokens a frame)."""
-    torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
-    encoder = UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
-    vae = responsive_tiny_vae(AutoencoderKLWan(**TINY_VAE, latents_mean=[0.0] * 16, latents_std=[1.0] * 16).eval())
+    """A tiny, seeded Wan: 2 layers of width 32, 64x64 pixels (8x8 latents, 16 tokens a frame). Its weights follow
+    `seed` alone; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
+        encoder = UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
+        vae = responsive_tiny_vae(AutoencoderKLWan(**TINY_VAE, latents_mean=[0.0] * 16, latents_std=[1.0] * 16).eval())
     return Wan(CausalWan(transformer).eval(), TextEncoder(ByT5Tokenizer(), encoder, text_len), vae, 64, 64)

@@ -96,7 +96,7 @@ def train_step(step, cfg, ctx):
     s, prompts = clip_start_and_prompts(step, cfg, ctx)
     rollouts, rewards, reward_s = rollout_and_score(step, s, prompts, cfg, ctx, phases)
     with phases("train"):
-        A, r, mask, masked_total, policy_loss, kl_sum = policy_loss_backward(step, rollouts, rewards, cfg, ctx)
+        A, masked_total, policy_loss, kl_sum = policy_loss_backward(step, rollouts, rewards, cfg, ctx)
     with phases("optimizer"):
         grad_norm, kl, reset = update_policies(step, rewards, kl_sum, masked_total, cfg, ctx)
     ctx.spread = {**{f"reward/{k}": v for k, v in rewards.items()}, "advantage": A}  # this rank's, for histograms
@@ -124,8 +124,9 @@ def clip_start_and_prompts(step, cfg, ctx):
 def rollout_and_score(step, s, prompts, cfg, ctx, phases):
     """Algorithm 1's sampling half, no grad: per prompt, the history once with theta_old, then G candidate clips
     from that shared prefix (Eq. 3); each clip decoded as the window of its video and scored. Returns the
-    Rollouts, the rewards {name: [P G]} (with "composite") and each reward model's seconds. Draws are keyed by the prompt's place in the step
-    (rank * P + j), not by rank: a step computes the same on any number of ranks (tests check 2 processes vs 1)."""
+    Rollouts, the rewards {name: [P G]} (with "composite") and each reward model's seconds. Draws are keyed by the
+    prompt's place in the step (rank * P + j), not by rank: a step computes the same on any number of ranks (tests
+    check 2 processes against 1)."""
     P, G, n, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.frames_per_block, cfg.micro_batch, ctx.device
     rollouts, scores, reward_s = [], [], {}
     for j, prompt in enumerate(prompts):
@@ -163,8 +164,8 @@ def rollout_and_score(step, s, prompts, cfg, ctx, phases):
 def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
     """Algorithm 1's update half, up to the gradients: advantages over the whole step on all ranks (Eq. 4), the
     uncertainty mask, then per micro-batch the three policies' x0 at a fresh noise level in the rollout's attention
-    layout and Eq. 1-2's loss plus the selective KL where masked, backward. Returns the advantages A, their r, the
-    mask, the step's masked count on all ranks, and the summed policy loss and KL (device scalars: no host sync)."""
+    layout and Eq. 1-2's loss plus the selective KL where masked, backward. Returns the advantages A, the step's
+    masked count on all ranks, and the summed policy loss and KL (device scalars: no host sync per micro-batch)."""
     P, G, m, dev = cfg.prompts_per_rank, cfg.group_size, cfg.micro_batch, ctx.device
     A, r = loss.advantages(rewards["composite"], G, cfg.a_max)
     mask = ctx.ctrl.uncertainty_mask(rewards["composite"], torch.stack([rewards[k] for k in ctx.reward_fn.names], 1))
@@ -201,7 +202,7 @@ def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
             mb_loss.backward()
         policy_loss = policy_loss + mb_loss.detach()
         del cache  # before the next micro-batch builds its own (10.3 GB for 3 candidates at the 1.3B size)
-    return A, r, mask, masked_total, policy_loss, kl_sum
+    return A, masked_total, policy_loss, kl_sum
 
 
 def update_policies(step, rewards, kl_sum, masked_total, cfg, ctx):
