@@ -26,12 +26,13 @@ import policy as policy_mod
 import reward_models
 import rewards
 from loss import Controller, advantages, copy_, ema_, kl_loss, policy_loss
-from reward_models import HPSV3_TEXT, VIDEOALIGN_TEXT, HPSv3, VideoAlign, sample_indices, to_patches, top30_mean
+from reward_models import HPSV3_TEXT, VIDEOALIGN_TEXT, VideoAlign, sample_indices, to_patches, top30_mean
 from rewards import build_reward, smoothness
 from rollout import clip_velocity, draw_noise, generate, group_rollout, new_cache
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))  # for tests/helpers.py
-from helpers import N, NORM, PIXELS, hps_head, make_tokenizer, randomize, text_kv, tiny_config, video  # noqa: E402
+from helpers import N, PIXELS, text_kv, video  # noqa: E402
+from helpers import hps, tok, va  # noqa: E402,F401 (pytest fixtures, shared with the other files that score)
 
 torch.set_num_threads(1)  # tiny tensors: threads cost more than they give, and CI has 2 cores
 
@@ -499,21 +500,6 @@ def test_ema_and_copy():
 
 
 # ------------------------------------------------------------------ rewards
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hps(tok):
-    return randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
-
-
-@pytest.fixture(scope="module")
-def va(tok):
-    return randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 1, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)
-
-
 # ---- the composite ----
 
 # blueness is also the reward of tests/test_trainer.py's end-to-end run, which names it test_astrolabe:blueness

@@ -1,9 +1,10 @@
 """Plain helpers shared by test_astrolabe.py (the paper's mechanisms, at the repository root) and the per-concern
 tests under tests/: the tiny generator's block size and text K/V, train.py's quick flags and its checkpoints read
-back, the hand-written original-Wan key table, and the tiny Qwen2-VL reward models. Fixtures are not here:
-tests/conftest.py holds those of tests/, test_astrolabe.py its own."""
+back, the hand-written original-Wan key table, and the tiny Qwen2-VL reward models (their fixtures too: the files
+that score import tok, hps and va; tests/conftest.py holds the other fixtures of tests/)."""
 import os
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -154,3 +155,19 @@ def hps_head(d, dtype=torch.float32):
 
 def video(b, f, h=64, w=96, seed=0):
     return torch.rand(b, f, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# the tiny reward models as module-scoped fixtures (imported by the test files that score with them)
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def hps(tok):
+    return randomize(reward_models.HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
+
+
+@pytest.fixture(scope="module")
+def va(tok):
+    return randomize(reward_models.VideoAlign(tiny_config(tok), nn.Linear(32, 1, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)

@@ -15,9 +15,10 @@ from safetensors.torch import save_file
 import checkpoints as C
 import config
 import model as M
-from helpers import (NORM, PIXELS, CodeInPickle, assert_same_tree, hps_head, make_tokenizer, original_wan_keys,
-                     randomize, text_kv, tiny_config, to_original, video)
-from reward_models import HPSv3, VideoAlign, load_hpsv3, load_videoalign
+from helpers import (NORM, PIXELS, CodeInPickle, assert_same_tree, original_wan_keys, text_kv, tiny_config, to_original,
+                     video)
+from helpers import hps, tok, va  # noqa: F401 (pytest fixtures, shared with the other files that score)
+from reward_models import VideoAlign, load_hpsv3, load_videoalign
 
 
 # ------------------------------------------------------------------ the generator: original Wan2.1 and Krea 14B layouts
@@ -159,21 +160,6 @@ def test_torch_files_read_as_data_with_clear_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ the reward models' checkpoints
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def hps(tok):
-    return randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
-
-
-@pytest.fixture(scope="module")
-def va(tok):
-    return randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 1, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)
-
-
 def legacy(sd):
     """Today's keys -> the transformers-4.45 layout the checkpoints were saved in (inverse of the remap)."""
     out = {}
