@@ -55,8 +55,8 @@ class Config:
     weight_decay: float = 1e-4    # AdamW
     grad_clip: float = 1.0        # gradient norm clip
     gradient_checkpointing: bool = False  # recompute each block in the backward (the paper sizes need it)
-    # the training step's fast paths (fast_train.py), each switchable so bench.py train can measure its gain. Off
-    # until measured on a GPU (README, "One RL step at the paper's scale"): each is checked against the eager step
+    # the training step's fast paths (fast_train.py), each switchable so python -m bench train can measure its gain. Off
+    # until measured on a GPU (bench/README.md, "One RL step at the paper's scale"): each is checked against the eager step
     # on the CPU only, where the GPU-only ones (compiling, cuDNN) do nothing
     merged_rollouts: bool = False  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
     fast_decode: bool = False      # the compiled decoder (CUDA)

@@ -1,6 +1,6 @@
-"""The training step's fast paths (README, Performance: "One RL step at the paper's scale"). Each is a Config field,
-so that bench.py train can switch it off and on and compare the step with the eager one in the same run. Those that
-compile or choose CUDA kernels act on CUDA only: the CPU tests run the eager reference path (a test passes
+"""The training step's fast paths (bench/README.md, "One RL step at the paper's scale"). Each is a Config field, so
+that `python -m bench train` can switch it off and on and compare the step with the eager one in the same run. Those
+that compile or choose CUDA kernels act on CUDA only: the CPU tests run the eager reference path (a test passes
 compile=True with torch.compile's eager backend, which traces and guards as on the GPU).
 
 merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the history, the G candidates of Eq. 3, the
@@ -45,7 +45,7 @@ def _decoder(autoencoder, compiled):
 
 
 def configure(ctx, cfg, compile=None):
-    """Switch the fast paths of a train.build context to cfg's fields (again at any time: bench.py does, per step).
+    """Switch the fast paths of a train.build context to cfg's fields (again at any time: the bench does, per step).
     compile: use torch.compile (default: on CUDA)."""
     cuda = ctx.device.type == "cuda"
     compile = cuda if compile is None else compile

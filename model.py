@@ -187,7 +187,7 @@ class CausalWan(torch.nn.Module):
     def compile_blocks(self):
         """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
         the norms, the adaLN modulation, RoPE and the gated residuals around the matmuls; shapes are fixed
-        per block). Attention and the cache stay eager. bench.py generate prints its agreement with eager.
+        per block). Attention and the cache stay eager. python -m bench generate prints its agreement with eager.
         Later calls reuse the same compiled stages: dynamo guards on the backend object, so a new torch.compile
         wrapper would compile everything again (each evaluation of a training run, say)."""
         if self.compiled_stages is None:
@@ -235,7 +235,8 @@ class CausalWan(torch.nn.Module):
         grad = torch.is_grad_enabled()
         recompute = self.gradient_checkpointing and grad and (self.checkpoint_policy or True)
         # Sampling prefers cuDNN attention: 1.28x the flash backend for the whole generator on an H100
-        # (bench.py generate); the others remain fallbacks. Under autograd: train_attention (None: PyTorch's choice)
+        # (python -m bench generate); the others remain fallbacks. Under autograd: train_attention (None: PyTorch's
+        # choice)
         backends = self.train_attention if grad else SAMPLING_ATTENTION
         for i, blk in enumerate(tr.blocks):
             kv = (text_kv[2 * i].expand(B, -1, -1, -1), text_kv[2 * i + 1].expand(B, -1, -1, -1))
@@ -291,7 +292,7 @@ TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_h
                         out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
                         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 # Wan2.1-T2V-14B (the Wan repo's configs/wan_t2v_14B.py: dim 5120 = 40 heads x 128, ffn 13824), the architecture
-# of Krea realtime 14B; bench.py builds it with random weights, the tests check the Krea key table against it.
+# of Krea realtime 14B; the bench builds it with random weights, the tests check the Krea key table against it.
 WAN_14B = dict(TINY_TRANSFORMER, num_attention_heads=40, attention_head_dim=128, text_dim=4096, freq_dim=256,
                ffn_dim=13824, num_layers=40)
 TINY_UMT5 = dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

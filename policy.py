@@ -156,7 +156,7 @@ def plain_copy(tr):
 def shard(net, per_block=True, master_fp32=True):
     """FSDP2 over one CausalWan: parameters sharded at rest, gathered for each call. per_block: each transformer
     block is its own unit, gathered just for its own calls, so a forward holds one block whole at a time, not the
-    model (False: the whole generator as one unit, for comparison in bench.py fsdp). CausalWan calls blocks only
+    model (False: the whole generator as one unit, for comparison in python -m bench fsdp). CausalWan calls blocks only
     through CausalBlock's two methods, registered here as forward methods, so FSDP2's hooks see every call.
     On a GPU, bf16 compute over fp32 weights (mixed precision): AdamW's steps at lr 1e-5 and theta_old's EMA
     (gamma 0.9) are below bf16's resolution; gradients are reduced in fp32. master_fp32=False (theta_ref, only

@@ -34,7 +34,7 @@ class Run:
     fast_eval: bool = False  # held-out evaluations through the compiled sampling path (fast.py)
     log: RunLog = None       # rank 0's log (logs.py), None elsewhere
     spread: dict = dataclasses.field(default_factory=dict)  # the last step's rewards and advantages (histograms)
-    lap_hook: object = None  # Phases' hook: called with each phase's name as it ends (bench.py counts FLOPs)
+    lap_hook: object = None  # Phases' hook: called with each phase's name as it ends (the bench counts FLOPs)
 
 
 

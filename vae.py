@@ -33,11 +33,12 @@ RECEPTIVE_FIELD = 38
 FAST = weakref.WeakKeyDictionary()  # vae -> the decoder its streams run: compiled or not (speed_up)
 COMPILED = weakref.WeakKeyDictionary()  # vae -> its compiled decoder, made once (a new wrapper compiles anew)
 # The process-wide settings the compiled paths want, made in sight by the entry scripts (sample.py, evaluate.py,
-# train.py, bench.py): torch.backends.cudnn.benchmark = True, since cuDNN's heuristics pick an sm80 kernel for the decoder's 96-channel full-resolution convs (35% of the
-# decode on an H100), and timing the candidates once per shape finds a faster one; dynamo compiles each compiled
-# function once per input shape (the decoder's chunk layouts and batches, the block stages' cache lengths), and
-# past its default limit of 8 it runs them eagerly without a word (the decoder took 1.27 s instead of 0.88 s,
-# H100 2026-11-22, when its pieces were compiled one by one): torch._dynamo.config.recompile_limit = 64.
+# train.py, bench/__main__.py): torch.backends.cudnn.benchmark = True, since cuDNN's heuristics pick an sm80 kernel
+# for the decoder's 96-channel full-resolution convs (35% of the decode on an H100) and timing the candidates once
+# per shape finds a faster one; torch._dynamo.config.recompile_limit = 64, since dynamo compiles each compiled
+# function once per input shape (the decoder's chunk layouts and batches, the block stages' cache lengths) and past
+# its default limit of 8 runs them eagerly without a word (the decoder took 1.27 s instead of 0.88 s, H100
+# 2026-11-22, when its pieces were compiled one by one).
 
 
 class Upsample3d(WanResample):
@@ -77,7 +78,7 @@ def speed_up(vae, compile=True):
     conv's spatial zero padding done by the convolution itself rather than by an F.pad copy of its input, and,
     with compile, the decoder compiled. A stream has three chunk layouts (the first latent frame, the next two,
     then chunks of `chunk` frames with 2 cached frames at every conv), so it compiles three times at fixed shapes.
-    Same pixels up to rounding (the same arithmetic: the same zeros, padded inside cuDNN); bench.py generate
+    Same pixels up to rounding (the same arithmetic: the same zeros, padded inside cuDNN); python -m bench generate
     prints the difference. A second call with the same `compile` changes nothing. The process-wide settings this
     path wants (cudnn.benchmark, dynamo's recompile limit) are the entry scripts' to make (above, FAST).
     """

@@ -198,7 +198,7 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
         graphs = counters["stats"]["unique_graphs"]
         cfg.clip_start = 3
         stages, decoder = ctx.policy.merged.stages, V.FAST[ctx.wan.vae]
-        fast_train.configure(ctx, cfg, compile=False)  # switched off and on again (bench.py does): the same
+        fast_train.configure(ctx, cfg, compile=False)  # switched off and on again (the bench does): the same
         assert ctx.policy.merged.stages is M.BLOCK_STAGES and V.FAST[ctx.wan.vae] is ctx.wan.vae.decoder
         fast_train.configure(ctx, cfg, compile=True)  # compiled objects, so nothing compiles again
         assert ctx.policy.merged.stages is stages and V.FAST[ctx.wan.vae] is decoder
@@ -209,7 +209,7 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
 
 
 def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
-    """`python bench.py train --tiny --check-scaling` with the compiled paths (dynamo's eager backend) in a fresh
+    """`python -m bench train --tiny --check-scaling --compile`, the compiled paths on dynamo's eager backend, in a fresh
     process: the fast step's errors against the eager one stay at rounding, and the FLOPs scaled from G = 2 equal
     those counted at G = 4, phase by phase (the rule the GPU table relies on)."""
     import json
@@ -218,8 +218,8 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import functools, runpy, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
-            "sys.argv = ['bench.py', 'train', '--tiny', '--check-scaling', '--rows=6:2,6:4']; import bench_step; "
-            "bench_step.COMPILE = True; runpy.run_path('bench.py', run_name='__main__')")
+            "sys.argv = ['bench', 'train', '--tiny', '--check-scaling', '--compile', '--rows=6:2,6:4']; "
+            "runpy.run_module('bench', run_name='__main__')")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(tmp_path)})
     assert res.returncode == 0, res.stderr[-3000:]

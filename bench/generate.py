@@ -1,63 +1,20 @@
-"""GPU benchmarks at the real sizes (Wan2.1-T2V-1.3B, umT5-XXL, the Wan VAE, HPSv3, VideoAlign; 14B for fsdp),
-random weights (timing needs no trained weights), bf16.
-
-    python bench.py generate        # 81 frames at 480x832 from text: eager vs compiled generator and decoder,
-                                    # kernel profiles, end to end with progressive decoding; FPS, first frame;
-                                    # evaluate's path; then sample.py itself in fresh processes (bench_user.py)
-    python bench.py generate --part=breakdown|e2e|user   # only the in-process rows (e2e: without profiles and
-                                    # evaluate's rows), or only sample.py's
-    python bench.py group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
-    python bench.py train [--preset=longlive] [--rows=s:G,...] [--levers=a,b,...] [--no-flops]
-                                    # one RL step at G = 24 (paper settings): eager vs fast (errors), counted
-                                    # FLOPs, time and memory per phase
-    python bench.py scaling         # torchrun on 1, 2, 4 GPUs: candidates per second
-    torchrun --nproc_per_node 2 bench.py fsdp   # FSDP2 whole-model vs per-block units; 14B LoRA / full
-    python bench.py generate --tiny # any of them on the tiny model (a CPU smoke test)
-
-Each prints a table and writes bench_<command>.json under out/bench (BENCH_OUT). Timings: CUDA synchronised,
-one warm-up run, median of the timed runs; every fast variant is compared with the reference path (errors printed).
-"""
+"""bench generate and bench group: 81 frames from text, the generator's and the decoder's fast paths against the eager
+reference, end to end with progressive decoding, evaluate's path, then sample.py itself (bench/user.py); a group's
+shared prefix against independent rollouts."""
 import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 import model
 import vae
-from bench_distributed import bench_fsdp, bench_scale_worker, bench_scaling
-from bench_step import bench_train
-from bench_user import user_rows
-from bench_models import DEV, OUT_DIR, PROMPT, TINY, WAN_1_3B, real_wan
-
-# generate: all, breakdown (the in-process rows), e2e (the breakdown without profiles and evaluate's rows), user
-PART = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "all")
+from bench.common import DEV, OUT_DIR, PROMPT, rel_err, show, sync, timed
+from bench.models import WAN_1_3B, real_wan
+from bench.user import user_rows
 from rollout import draw_noise, generate, group_rollout, new_cache
-
-def timed(fn, runs=3):
-    """(last result, median seconds) over `runs` after one warm-up, synchronising the device."""
-    out, times = fn(), []
-    for _ in range(runs):
-        out = None  # free the previous result (a group cache can be tens of GB) before the next run
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
-def sync():
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
 
 def transformer_flops(cfg, frames, tpf, n=3, steps=5, window=21, sink=3):
     """Analytic FLOPs of generating `frames` latent frames: 2 x block-linear params x tokens, plus
@@ -121,19 +78,19 @@ def profile(fn, shapes=False):
     return out
 
 
-def bench_generate(frames=21):
+def bench_generate(args, frames=21):
     """81 frames from text, end to end: the generator's and the decoder's fast paths against the eager
     reference (errors printed), per-kernel profiles, then progressive decoding: FPS and time to first frame."""
     from torch.utils.flop_counter import FlopCounterMode
-    wan = real_wan()
+    wan = real_wan(args.tiny)
     m, ae, n = wan.model, wan.vae, 3
-    shape = wan.latent_shape(6 if TINY else frames)
+    shape = wan.latent_shape(6 if args.tiny else frames)
     frames, tpf = shape[1], (shape[2] // 2) * (shape[3] // 2)
     noise = draw_noise(0, 1, shape, DEV)
-    gflops = transformer_flops(WAN_1_3B if not TINY else model.TINY_TRANSFORMER, frames, tpf)
+    gflops = transformer_flops(WAN_1_3B if not args.tiny else model.TINY_TRANSFORMER, frames, tpf)
     rows, report = [], {}
-    if PART == "user":
-        return user_rows(wan)
+    if args.part == "user":
+        return user_rows(wan, args.tiny)
     kv = m.text_kv(wan.text_encoder([PROMPT]))
     cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run, as sample.py keeps one
 
@@ -161,7 +118,7 @@ def bench_generate(frames=21):
             ref = latents if ref is None else ref
             add(dict(part="generator", variant=name, seconds=t, tflops=gflops / t / 1e12, ceiling=gflops / t / 805e12,
                      rel_err=rel_err(latents, ref), setup_s=setup_s, compiled_graphs=counters["stats"]["unique_graphs"]))
-        if PART != "e2e":
+        if args.part != "e2e":
             print("profile: one generation, compiled stages", flush=True)
             report["profile_generator"] = profile(gen)
 
@@ -192,7 +149,7 @@ def bench_generate(frames=21):
                      max_abs_err=float((out - pixels).abs().max()), **({"setup_s": setup_s} if fast else {})))
         _, t = timed(lambda: vae.Decoder(ae)(ref[:, :, :3]), 2)  # the first two chunks: their own layouts
         add(dict(part="decode", variant="  of which the first 3 latent frames (chunks of 1 and 2)", seconds=t))
-        if PART != "e2e":
+        if args.part != "e2e":
             print("profile: one compiled streaming decode", flush=True)
             report["profile_decode"] = profile(lambda: vae.Decoder(ae)(ref), shapes=True)
 
@@ -238,11 +195,11 @@ def bench_generate(frames=21):
             _, s, first, *_ = end_to_end(True, noise=long_noise, cache=long_cache)
             add(dict(part="end to end", variant="progressive, fast path, 477 frames (--sink_frames 3 --window_frames 21)",
                      seconds=s, fps_end_to_end=477 / s, first_frame_s=first))
-            rows += eval_rows(wan, frames) if PART != "e2e" else []
+            rows += eval_rows(wan, frames) if args.part != "e2e" else []
     for peer in PEERS:
         add(dict(part="end to end", **peer))
-    if PART == "all":
-        rows += user_rows(wan)  # last: the subprocesses need the GPU memory this process's runs are done with
+    if args.part == "all":
+        rows += user_rows(wan, args.tiny)  # last: the subprocesses need the GPU memory this process's runs are done with
     report["rows"] = rows
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "generate_profile.json"), "w") as f:
@@ -293,10 +250,10 @@ def eval_rows(wan, frames, seeds=4):
     return rows
 
 
-def bench_group(G=8, clip=12, history=18):
-    wan = real_wan()
+def bench_group(args, G=8, clip=12, history=18):
+    wan = real_wan(args.tiny)
     m, n = wan.model, 3
-    clip, history = (3, 3) if TINY else (clip, history)
+    clip, history = (3, 3) if args.tiny else (clip, history)
     kv = m.text_kv(wan.text_encoder(["a drone flies over a rocky coastline"]))
     hist_noise, clip_noise = draw_noise(1, 1, wan.latent_shape(history), DEV), draw_noise(2, G, wan.latent_shape(clip), DEV)
     full = torch.cat([hist_noise.expand(G, -1, -1, -1, -1, -1), clip_noise], dim=3)
@@ -316,34 +273,3 @@ def bench_group(G=8, clip=12, history=18):
         rows.append(dict(variant=f"{G} independent rollouts, batched", seconds=float("nan"), speedup=float("nan"),
                          rel_err=float("nan"), note="out of memory"))
     return rows
-
-
-def show(rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    widths = [max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
-    for r in rows:
-        print("  ".join(fmt(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
-
-
-if __name__ == "__main__":
-    commands = {"generate": bench_generate, "group": bench_group, "train": bench_train, "scaling": bench_scaling,
-                "scale-worker": bench_scale_worker, "fsdp": bench_fsdp}
-    flags, options = ("--tiny", "--no-flops", "--check-scaling"), ("--preset=", "--rows=", "--levers=", "--part=")
-    args = [a for a in sys.argv[1:] if a not in flags and not a.startswith(options)]
-    if len(args) != 1 or args[0] not in commands:
-        raise SystemExit(f"usage: python bench.py {{{','.join(commands)}}} [--tiny] [generate: --part=breakdown|e2e|user] "
-                         f"[train: --preset=self_forcing|longlive --rows=s:G,... --levers=a,b,... --no-flops "
-                         f"--check-scaling]")
-    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: vae.py, FAST)
-        torch.backends.cudnn.benchmark = True
-        torch._dynamo.config.recompile_limit = 64
-    result = commands[args[0]]()
-    if result is not None:
-        device = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else "cpu"
-        print(f"\n{args[0]} on {device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-        show(result)
-        os.makedirs(OUT_DIR, exist_ok=True)
-        with open(os.path.join(OUT_DIR, f"bench_{args[0]}.json"), "w") as f:
-            json.dump(dict(device=device, date=time.strftime("%Y-%m-%d"), rows=result), f, indent=1)

@@ -1,4 +1,4 @@
-"""bench.py train: one RL step at the paper's scale (G = 24, clip 12, LoRA 256, the real reward models): the eager step
+"""bench train: one RL step at the paper's scale (G = 24, clip 12, LoRA 256, the real reward models): the eager step
 against the fast one (fast_train.py), FLOPs counted per phase, time, achieved TFLOP/s and peak memory per phase.
 
 For the first run (s, g) of --rows, at the same seed and inputs (weights, optimizer, controller and RNG restored in
@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
@@ -25,18 +24,13 @@ import fast_train
 import offload
 import train
 import vae
-from bench_models import DEV, OUT_DIR, PRESET, PROMPT, TINY, paper_config, real_rewards, real_wan
+from bench.common import DEV, OUT_DIR, PROMPT, show
+from bench.models import paper_config, real_rewards, real_wan
 from policy import Policy
 
-ARGS = dict(a.split("=", 1) for a in sys.argv if a.startswith("--") and "=" in a)
-ROWS = ARGS.get("--rows")  # "s:G,s:G": train's runs
-COUNT_FLOPS = "--no-flops" not in sys.argv
-CHECK_SCALING = "--check-scaling" in sys.argv  # count each later run's eager twin too, against the scaled FLOPs
 LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention", "compile_train")
-FAST = ARGS.get("--levers", "merged_rollouts,fast_decode,train_attention,checkpoint_attention").split(",")
-COMPILE = DEV.type == "cuda"  # the compiled paths (fast_train.configure)
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
-CEILING = 805e12  # bf16 dense matmul FLOP/s (README, Performance)
+CEILING = 805e12  # bf16 dense matmul FLOP/s (bench/README.md)
 
 
 def _gqa_sdpa_flop_count(query_shape, key_shape, value_shape):
@@ -158,14 +152,15 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def bench_train():
+def bench_train(args):
     """The runs of --rows (default: the preset's), see the module's docstring."""
-    t_start = time.perf_counter()
-    unknown = set(FAST) - set(LEVERS)
-    if unknown or {"compile_train", "checkpoint_attention"} <= set(FAST):
-        raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {FAST}")
-    cfg = levers(paper_config(), ())
-    wan, (reward_fn, counts) = real_wan(), real_rewards(counted)
+    t_start, fast = time.perf_counter(), args.levers.split(",")
+    compiled = DEV.type == "cuda" if args.compile is None else args.compile  # the compiled paths (fast_train.configure)
+    unknown = set(fast) - set(LEVERS)
+    if unknown or {"compile_train", "checkpoint_attention"} <= set(fast):
+        raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {fast}")
+    cfg = levers(paper_config(args.preset, args.tiny), ())
+    wan, (reward_fn, counts) = real_wan(args.tiny), real_rewards(args.tiny, counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
     probe = torch.rand(1, 8, 3, wan.height, wan.width, generator=torch.Generator().manual_seed(0)).to(DEV)
     text_ref, score_ref = wan.text_encoder([PROMPT]), reward_fn(probe, [PROMPT])
@@ -176,9 +171,9 @@ def bench_train():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"built in {time.perf_counter() - t_start:.0f}s (host peak RSS {rss:.1f} GB); parked vs resident outputs: "
           f"umT5 max |diff| {text_err:.3g}, rewards max |diff| {score_err:.3g}; "
-          f"fast levers: {','.join(FAST)}", flush=True)
-    default = {"self_forcing": "21:3,21:24", "longlive": "228:3,228:24"}.get(PRESET, "9:3,9:24")
-    runs = [tuple(map(int, r.split(":"))) for r in (ROWS or ("6:2,6:4" if TINY else default)).split(",")]
+          f"fast levers: {','.join(fast)}", flush=True)
+    default = {"self_forcing": "21:3,21:24", "longlive": "228:3,228:24"}.get(args.preset, "9:3,9:24")
+    runs = [tuple(map(int, r.split(":"))) for r in (args.rows or ("6:2,6:4" if args.tiny else default)).split(",")]
     offload.host_buffer("frames", (max(g for _, g in runs), 4 * cfg.clip_frames, 3, wan.height, wan.width),
                         torch.float32, DEV)  # pinned before the timed steps, as train.build does for its G
     instrument(ctx)
@@ -219,23 +214,23 @@ def bench_train():
 
     def timed(i, s, g, label):  # a fast step's rows, printed and saved as soon as measured
         nonlocal rows, last
-        r, _, calls = step(i, s, g, FAST, COMPILE, label=label)
-        new = phase_rows(r, s, g, "fast", scaled(counted_at, s, g, calls))
-        __import__("bench").show(new)
+        r, _, calls = step(i, s, g, fast, compiled, label=label)
+        new = phase_rows(args.preset, r, s, g, "fast", scaled(counted_at, s, g, calls))
+        show(new)
         rows, last, peak[g] = rows + new, (r, g), r["peak_mem_gb"]
         os.makedirs(OUT_DIR, exist_ok=True)
-        with open(os.path.join(OUT_DIR, f"train_{PRESET}_partial.json"), "w") as f:  # kept if a later run is cut off
+        with open(os.path.join(OUT_DIR, f"train_{args.preset}_partial.json"), "w") as f:  # kept if a later run is cut off
             json.dump(dict(text_tokens=counts, rows=rows, errors=errors), f, indent=1)
 
     # the first run's (s, g): the comparisons and the count, at the same seed and inputs (restored between the steps)
     (s0, g0), state = runs[0], snapshot(ctx)
     ref, _, _ = step(1, s0, g0, (), False, capture=True, label="eager reference (first step: warm-up)")
-    rows += phase_rows(ref, s0, g0, "eager, every lever off (warm-up)")
+    rows += phase_rows(args.preset, ref, s0, g0, "eager, every lever off (warm-up)")
     restore(ctx, state)
-    compare(step(1, s0, g0, FAST, COMPILE, capture=True, label="fast (compiles: warm-up)")[0], ref, "fast")
-    if COUNT_FLOPS:
+    compare(step(1, s0, g0, fast, compiled, capture=True, label="fast (compiles: warm-up)")[0], ref, "fast")
+    if args.flops:
         restore(ctx, state)
-        r, flops, calls = step(1, s0, g0, FAST, False, count=True, capture=True, label="fast, eager twin, counted")
+        r, flops, calls = step(1, s0, g0, fast, False, count=True, capture=True, label="fast, eager twin, counted")
         compare(r, ref, "fast, eager twin")
         counted_at = (s0, g0, flops, calls)
     restore(ctx, state)
@@ -250,19 +245,19 @@ def bench_train():
                       f"(BENCH_BUDGET_S); run it alone with --rows={s}:{g}", flush=True)
                 continue
         timed(k if k <= len(runs) else 1, s, g, "fast" if k <= len(runs) else "fast, warm (the first run again)")
-        if CHECK_SCALING and counted_at and k <= len(runs):
-            _, flops, _ = step(k, s, g, FAST, False, count=True, label="fast, eager twin, counted (scaling check)")
+        if args.check_scaling and counted_at and k <= len(runs):
+            _, flops, _ = step(k, s, g, fast, False, count=True, label="fast, eager twin, counted (scaling check)")
             checks += check_scaling(counted_at, s, g, flops)
     print("\nthe fast step against the eager one (same seed, inputs and weights; relative errors). The rollouts' "
           "rounding reaches the rewards, and the advantages divide by the step's reward spread (Eq. 4), so the "
           "gradient error follows the advantages' where the rewards are close:")
-    __import__("bench").show(errors)
+    show(errors)
     if len(peak) > 1 and min(peak.values()) > 0:
         print(f"peak memory of the fast step by G: {peak} GB (max / min {max(peak.values()) / min(peak.values()):.3f})")
     print(SCALING)
     if checks:
         print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
-        __import__("bench").show(checks)
+        show(checks)
     return rows
 
 
@@ -300,13 +295,13 @@ def check_scaling(counted_at, s, g, flops):
     return out
 
 
-def phase_rows(r, s, g, variant, flops=None):
+def phase_rows(preset, r, s, g, variant, flops=None):
     """One table row per phase of a step result r (train_step's dict), then the step's total."""
     flops, out = flops or {}, []
     for ph in [k[5:] for k in r if k.startswith("time/")] + ["step"]:
         secs = r["step_time"] if ph == "step" else r[f"time/{ph}"]
         fl = sum(v for k, v in flops.items() if "/" not in k) if ph == "step" and flops else flops.get(ph)
-        out.append(dict(run=f"{PRESET} s={s} G={g}", variant=variant, phase=ph, seconds=secs,
+        out.append(dict(run=f"{preset} s={s} G={g}", variant=variant, phase=ph, seconds=secs,
                         share=secs / r["step_time"], tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl else "",
                         ceiling=fl / secs / CEILING if fl else "",
                         peak_gb=r["peak_mem_gb"] if ph == "step" else r.get(f"peak_gb/{ph}", ""),

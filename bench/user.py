@@ -1,5 +1,5 @@
 """The user's command, timed as the user runs it: `sample.py` in fresh processes on a diffusers folder of random
-weights at the real sizes, with its own printed FPS parsed (bench.py generate's headline rows; the in-process rows
+weights at the real sizes, with its own printed FPS parsed (bench generate's headline rows; the in-process rows
 are the breakdown). Cold = empty inductor and Triton caches, warm = the caches the cold run filled."""
 import os
 import re
@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 
-from bench_models import OUT_DIR, PROMPT, TINY
+from bench.common import OUT_DIR, PROMPT
 
 WROTE = re.compile(r"wrote \S+: (\d+) frames .* in ([\d.]+)s \(([\d.]+) FPS.*first frames after ([\d.]+)s"
                    r"(?:; (\d+) compilations during the video)?")
@@ -42,13 +42,13 @@ def run(args, env):
     return wall, videos, warm and (int(warm.group(1)), float(warm.group(2)))
 
 
-def user_rows(wan):
+def user_rows(wan, tiny=False):
     """One short video on the fast path cold and warm, then on the eager path, one long video, a
     multi-prompt video, three videos in one process: what sample.py prints, beside the whole command's wall time
     (the fast path's break-even, fast.PAYS_FROM_FRAMES, comes from these rows)."""
     out = os.path.join(OUT_DIR, "user")
     os.makedirs(out, exist_ok=True)
-    folder = [] if TINY else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
+    folder = [] if tiny else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
     caches = tempfile.mkdtemp(prefix="compile-caches-")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")

@@ -1,9 +1,7 @@
-"""The models bench.py times, at their real sizes with random weights (timing needs no trained weights), on the
+"""The models the bench times, at their real sizes with random weights (timing needs no trained weights), on the
 bench's device: Wan2.1-T2V-1.3B with umT5-XXL and the Wan VAE, HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B)
-with a tokenizer that gives Qwen2's token counts. `--tiny` on the command line: the tiny model instead."""
-import os
+with a tokenizer that gives Qwen2's token counts; tiny: the tiny model instead (bench's --tiny)."""
 import statistics
-import sys
 from functools import partial
 
 import torch
@@ -13,23 +11,18 @@ import config
 import model
 import reward_models
 import rewards
+from bench.common import DEV, DT
 
 WAN_1_3B = dict(model.TINY_TRANSFORMER, num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256,
                 ffn_dim=8960, num_layers=30)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-TINY = "--tiny" in sys.argv
-PROMPT = "a red fox runs through fresh snow at sunrise"  # the prompt timed runs encode
-DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
-OUT_DIR = os.environ.get("BENCH_OUT", "out/bench")  # generated: JSON tables and profiles (ignored by git)
-PRESET = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--preset=")), "self_forcing")
 
 
-def real_wan():
+def real_wan(tiny=False):
     """Wan2.1-T2V-1.3B transformer, umT5-XXL encoder and the Wan VAE at full size, random weights on DEV."""
-    if TINY:
+    if tiny:
         return model.load_tiny().to(DEV)
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -84,17 +77,18 @@ def reward_text_tokens(tok):
     return rows
 
 
-def real_rewards(wrap=lambda name, fn: fn):
+def real_rewards(tiny=False, wrap=lambda name, fn: fn):
     """HPSv3 (Qwen2-VL-7B) and VideoAlign (Qwen2-VL-2B) at full size (--tiny: 2-layer Qwen2-VLs, same code
     path), random weights, with a tokenizer that gives Qwen2's token counts and embedding size. wrap(name, fn)
-    wraps each reward function (bench.py counts their FLOPs)."""
+    wraps each reward function (the bench counts their FLOPs)."""
     from transformers import Qwen2VLConfig
+    torch.manual_seed(0)  # the random weights are the same in every run (as real_wan's)
     tok = qwen2_sized_tokenizer()
     counts = reward_text_tokens(tok)
     for name, c in counts.items():
         print(f"{name} text tokens per input: {c['tokens']:.1f} (Qwen2 BPE: {c['qwen2_tokens']}, ratio {c['ratio']:.3f}; "
               f"template {c['template_chars']} characters, {c['chars_per_token']:.2f} per token)", flush=True)
-    if TINY:  # the test suite's tiny Qwen2-VL shapes, at a few vision tokens a frame
+    if tiny:  # the test suite's tiny Qwen2-VL shapes, at a few vision tokens a frame
         cfgs = [Qwen2VLConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                rope_parameters=dict(rope_type="default", rope_theta=100.0,
@@ -115,10 +109,10 @@ def real_rewards(wrap=lambda name, fn: fn):
     return rewards.CompositeReward(names, [1.0] * 3, [wrap(n, f) for n, f in zip(names, fns)], [hps, va, va]), counts
 
 
-def paper_config(*extra):
-    base = [f"--preset={PRESET}", "--model=none", "--checkpoint=none", "--base_lora=none",
+def paper_config(preset, tiny, *extra):
+    base = [f"--preset={preset}", "--model=none", "--checkpoint=none", "--base_lora=none",
             "--prompts=prompts/train.txt", "--eval_every=0", "--group_size=3", "--micro_batch=3"]
-    if TINY:  # the preset's structure, shrunk: LoRA, EMA, checkpointing, composite Qwen2-VL rewards, 32x32 frames
+    if tiny:  # the preset's structure, shrunk: LoRA, EMA, checkpointing, composite Qwen2-VL rewards, 32x32 frames
         base += ["--height=32", "--width=32", "--lora_rank=4", "--lora_alpha=4", "--clip_frames=6",
                  "--window_frames=9", "--group_size=2", "--micro_batch=2"]
     cfg = config.parse_config(base + list(extra))

@@ -1,4 +1,4 @@
-"""bench.py's multi-GPU commands: torchrun scaling (candidates per second on 1, 2, 4 GPUs) and FSDP2 sharding
+"""bench's multi-GPU commands: torchrun scaling (candidates per second on 1, 2, 4 GPUs) and FSDP2 sharding
 (whole-model vs per-block units at 1.3B, LoRA and full fine-tuning at 14B, the memory arithmetic for 8 GPUs)."""
 import json
 import os
@@ -13,13 +13,15 @@ import torch.nn as nn
 import model
 from config import DEFAULT_OFFLINE_SPEC
 import train
-from bench_models import DEV, DT, OUT_DIR, TINY, WAN_1_3B, paper_config, real_wan
+from bench.common import DEV, DT, OUT_DIR
+from bench.models import WAN_1_3B, paper_config, real_wan
 
 
-def bench_scale_worker(steps=3):
-    """One process of `torchrun bench.py scale-worker`: real-size generator, offline rewards, G = 4 per rank."""
-    cfg = paper_config("--group_size=4", "--micro_batch=4", "--clip_start=9", f"--reward={DEFAULT_OFFLINE_SPEC}")
-    ctx = train.build(cfg, real_wan())
+def bench_scale_worker(args, steps=3):
+    """One process of `torchrun -m bench scale-worker`: real-size generator, offline rewards, G = 4 per rank."""
+    cfg = paper_config(args.preset, args.tiny, "--group_size=4", "--micro_batch=4", "--clip_start=9",
+                       f"--reward={DEFAULT_OFFLINE_SPEC}")
+    ctx = train.build(cfg, real_wan(args.tiny))
     times = [train.train_step(s, cfg, ctx)["step_time"] for s in range(1, steps + 1)][1:]
     if ctx.rank == 0:
         with open(os.path.join(OUT_DIR, "bench_scale_worker.json"), "w") as f:
@@ -27,13 +29,13 @@ def bench_scale_worker(steps=3):
                            candidates_per_s=ctx.world * cfg.prompts_per_rank * cfg.group_size / statistics.median(times)), f)
 
 
-def bench_scaling(gpus=(1, 2, 4)):
+def bench_scaling(args, gpus=(1, 2, 4)):
     rows = []
     for k in gpus:
         if DEV.type == "cuda" and k > torch.cuda.device_count():
             continue
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "bench.py",
-                        "scale-worker"] + (["--tiny"] if TINY else []), check=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={k}", "-m", "bench",
+                        "scale-worker", f"--tiny={args.tiny}", f"--preset={args.preset}"], check=True)
         with open(os.path.join(OUT_DIR, "bench_scale_worker.json")) as f:
             rows.append(json.load(f))
     for r in rows:
@@ -41,15 +43,15 @@ def bench_scaling(gpus=(1, 2, 4)):
     return rows
 
 
-def bench_fsdp(gb=1e9):
-    """torchrun --nproc_per_node 2 bench.py fsdp: (a) 1.3B full fine-tuning, FSDP2 with the whole model as one unit vs
+def bench_fsdp(args, gb=1e9):
+    """torchrun --nproc_per_node 2 -m bench fsdp: (a) 1.3B full fine-tuning, FSDP2 with the whole model as one unit vs
     one unit per block (clip 12, G 3); (b) 14B with LoRA (r 256, base whole on each GPU) and full fine-tuning, where the arithmetic lets it
     fit (one 3-frame clip, G 2, micro-batch 1); (c) memory per GPU from the sharding arithmetic. History 0, offline
-    rewards (bench.py train has the reward models); 14B random weights all bf16 (real_wan keeps a few in fp32)."""
+    rewards (python -m bench train has the reward models); 14B random weights all bf16 (real_wan keeps a few in fp32)."""
     import gc
     # (c) counts what policy.Policy builds: theta, grad, AdamW, theta_old, theta_ref
     world, rows = int(os.environ.get("WORLD_SIZE", 1)), []
-    wan, offline = real_wan(), f"--reward={DEFAULT_OFFLINE_SPEC}"
+    wan, offline = real_wan(args.tiny), f"--reward={DEFAULT_OFFLINE_SPEC}"
     runs = [("1.3B", "full, whole-model unit", ["--lora_rank=0", "--fsdp_per_block=false"]),
             ("1.3B", "full, per-block units", ["--lora_rank=0"])]
     small = ["--clip_frames=3", "--group_size=2", "--micro_batch=1"]
@@ -65,17 +67,17 @@ def bench_fsdp(gb=1e9):
     full_gb = lambda k, w, unit: (22 * count[k] / w + (8 * block[k] if unit == "block" else 4 * count[k])) / gb  # noqa: E731
     total_gb = torch.cuda.get_device_properties(DEV).total_memory / gb if DEV.type == "cuda" else float("inf")
     for size, variant, extra in runs:
-        if "full" in variant and not TINY and full_gb(size, world, "block") > 0.8 * total_gb:
+        if "full" in variant and not args.tiny and full_gb(size, world, "block") > 0.8 * total_gb:
             rows.append(dict(model=size, variant=variant, gpus=world, note=f"skipped: {full_gb(size, world, 'block'):.0f}"
                              f" GB of weights and optimizer per GPU by (c) > 80% of {total_gb:.0f} GB"))
             continue
         torch.manual_seed(0)
         torch.set_default_dtype(DT)  # made in bf16 at once: 14B in fp32 first would need 56 GB more
         with torch.device(DEV):
-            tr = model.WanTransformer3DModel(**(model.TINY_TRANSFORMER if TINY else WAN_1_3B if size == "1.3B" else model.WAN_14B))
+            tr = model.WanTransformer3DModel(**(model.TINY_TRANSFORMER if args.tiny else WAN_1_3B if size == "1.3B" else model.WAN_14B))
         torch.set_default_dtype(torch.float32)
         wan.model = model.CausalWan(tr).eval()
-        cfg = paper_config("--clip_start=0", offline, *extra)
+        cfg = paper_config(args.preset, args.tiny, "--clip_start=0", offline, *extra)
         t0 = time.perf_counter()
         ctx = train.build(cfg, wan)
         built = time.perf_counter() - t0

@@ -1,0 +1,81 @@
+"""What the benchmarks share: the command line (one --key=value dialect, as train.py's), the device, where the
+tables go, and the timing and printing helpers."""
+import dataclasses
+import os
+import statistics
+import time
+
+import torch
+
+from config import BOOLS
+
+DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+OUT_DIR = os.environ.get("BENCH_OUT", "out/bench")  # generated: JSON tables and profiles (ignored by git)
+PROMPT = "a red fox runs through fresh snow at sunrise"  # the prompt timed runs encode
+
+
+@dataclasses.dataclass
+class Args:
+    """python -m bench COMMAND [--key=value ...]; a bare --key is --key=true."""
+    tiny: bool = False          # the tiny model instead of the real sizes (a CPU smoke test)
+    preset: str = "self_forcing"  # train, scaling: the config preset the step runs
+    part: str = "all"           # generate: all, breakdown (in-process rows), e2e (without profiles and evaluate's
+    #                             rows), user (sample.py itself)
+    rows: str = None            # train: the runs, "s:G,s:G" (default: the preset's)
+    levers: str = "merged_rollouts,fast_decode,train_attention,checkpoint_attention"  # train: the fast step's levers
+    flops: bool = True          # train: count the FLOPs per phase
+    check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
+    compile: bool = None        # train: the compiled paths (default: on CUDA)
+
+
+def parse(argv):
+    """(command, Args) from the command line; every error names the flag."""
+    words = [a for a in argv if not a.startswith("--")]
+    types = {f.name: f.type for f in dataclasses.fields(Args)}
+    args = Args()
+    for a in argv:
+        if not a.startswith("--"):
+            continue
+        key, _, value = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types:
+            raise SystemExit(f"error: unknown flag --{key}; flags: {', '.join(types)}")
+        if types[key] is bool:
+            if value.lower() not in BOOLS and value:
+                raise SystemExit(f"error: --{key}={value!r} is not a boolean (true/false, 1/0)")
+            setattr(args, key, BOOLS.get(value.lower(), True))
+        else:
+            setattr(args, key, value)
+    return (words[0] if len(words) == 1 else None), args
+
+
+def timed(fn, runs=3):
+    """(last result, median seconds) over `runs` after one warm-up, synchronising the device."""
+    out, times = fn(), []
+    for _ in range(runs):
+        out = None  # free the previous result (a group cache can be tens of GB) before the next run
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def show(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
