@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import fast
 import vae
+from files import save_video
 from rollout import draw_noise, generate, new_cache, seed_of
 
 
@@ -152,3 +154,26 @@ def save_grid(path, rows, columns, prompts, frame_px=128):
         draw.multiline_text((4, top + i * (H + 4) * k), "\n".join(wrapped), fill="black", font=font)
     canvas.save(path)
     return k, top, left
+
+
+@torch.no_grad()
+def evaluate_theta(step, cfg, ctx):
+    """train.py's held-out evaluation: theta on the held-out prompts x eval_seeds fixed noises (score_samples),
+    through the compiled sampling path where ctx.fast_eval; per-sample scores, also written to
+    samples/scores_stepNNNNN.csv; an mp4 of each prompt's first seed."""
+    net, out, dev = ctx.policy.net("default"), os.path.join(cfg.out_dir, "samples"), ctx.device
+    os.makedirs(out, exist_ok=True)
+
+    def save(i, seeds, video):
+        if seeds[0] == 0:
+            save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
+            ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
+    seeds = list(range(cfg.eval_seeds))
+    amp = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")  # noqa: E731 (as training)
+    with fast.compiled(net, ctx.wan.vae) if ctx.fast_eval else contextlib.nullcontext():
+        scores = score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames, cfg.sink_frames,
+                               cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed, amp, save, ctx.rank,
+                               ctx.world)
+    if ctx.rank == 0:
+        write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
+    return scores

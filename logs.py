@@ -2,11 +2,18 @@
 --log=jsonl,tensorboard, TensorBoard event files under out_dir/tensorboard: every log.jsonl scalar under the same
 name at the same step, a histogram of each step's rewards and advantages, and frames of the held-out samples.
 --log=jsonl,wandb sends the same to Weights & Biases: a run of project "astrolabe" under out_dir/wandb, offline
-unless WANDB_MODE says otherwise (`wandb sync` uploads it later). Rank 0 only."""
+unless WANDB_MODE says otherwise (`wandb sync` uploads it later). Rank 0 only. Phases measures what a step's
+time/* and peak_gb/* fields say."""
+import contextlib
 import importlib.util
 import json
 import os
 import secrets
+import time
+
+import torch
+
+import offload
 
 KINDS = ("jsonl", "tensorboard", "wandb")
 OPTIONAL = ("tensorboard", "wandb")  # each kind is its own package, not in requirements.txt
@@ -97,3 +104,31 @@ class RunLog:
         self.jsonl.close()
         self.tb and self.tb.close()
         self.wandb and self.wandb.finish()
+
+
+class Phases:
+    """Wall time and peak memory of a step's phases: `with phases("decode"): ...`. On CUDA each boundary
+    synchronises (a few per step, none per micro-batch) and resets the peak-memory counter. The host-to-device
+    copies of parked models (offload.MOVED) are taken out of the phase they happen in and counted as "transfer"."""
+
+    def __init__(self, device, hook=None):
+        self.cuda, self.hook = device.type == "cuda", hook
+        self.times, self.peak_gb = {"transfer": 0.0}, {}
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter(), offload.MOVED["seconds"]
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0, moved0 = self._now()
+        yield
+        t, moved = self._now()
+        self.hook and self.hook(name)
+        self.times["transfer"] += moved - moved0
+        self.times[name] = self.times.get(name, 0.0) + t - t0 - (moved - moved0)
+        if self.cuda:
+            self.peak_gb[name] = max(self.peak_gb.get(name, 0.0), torch.cuda.max_memory_allocated() / 1e9)

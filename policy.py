@@ -35,6 +35,7 @@ class Policy:
     def __init__(self, cfg, wan, world):
         from peft import LoraConfig
         self.model, self.lora = wan.model, cfg.lora_rank > 0
+        self.active, self.lora_named = None, {}  # the active adapter (LoRA), each adapter's (key, tensor) list
         tr = self.model.transformer
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if self.lora:
@@ -116,15 +117,20 @@ class Policy:
             if hasattr(net, "reshard"):  # FSDP2 leaves a root's parameters gathered after a forward
                 net.reshard()
             return list(net.transformer.named_parameters())
-        tag = f".{name}.weight"
-        return [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
+        if name not in self.lora_named:  # the adapters' tensors stay the same objects (updated in place): listed once
+            tag = f".{name}.weight"
+            self.lora_named[name] = [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters()
+                                     if k.endswith(tag)]
+        return self.lora_named[name]
 
     def params(self, name):
         return [p for _, p in self.named(name)]
 
     def net(self, name):
-        """The CausalWan computing policy `name` (switching the active LoRA adapter)."""
-        if self.lora:
+        """The CausalWan computing policy `name` (switching the active LoRA adapter, where another one is active:
+        the loss loop asks for theta_old, theta_ref and theta per micro-batch)."""
+        if self.lora and self.active != name:
+            self.active = name
             self.model.transformer.set_adapter(name)
             for n in self.NAMES:  # peft makes the active adapter trainable; only theta ever is
                 for p in self.params(n):

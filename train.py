@@ -22,14 +22,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import evaluation
-import fast
 import loss
 import model
 import offload
 import vae
 from config import check_config, check_frames, parse_config
-from files import remove_stale_tmp, save_video
-from logs import RunLog, check_log
+from files import remove_stale_tmp
+from logs import Phases, RunLog, check_log
 from policy import clean_stale, full_tensor, load_checkpoint, save_checkpoint
 from run import build
 from run_dir import release, trim_log
@@ -60,34 +59,6 @@ class Rollouts:
     text: torch.Tensor  # umT5 embedding [1, 512, 4096]
     kv_old: list        # theta_old's text K/V: the rollout's, used again for its clip caches
     group: Group
-
-
-class Phases:
-    """Wall time and peak memory of a step's phases: `with phases("decode"): ...`. On CUDA each boundary
-    synchronises (a few per step, none per micro-batch) and resets the peak-memory counter. The host-to-device
-    copies of parked models (offload.MOVED) are taken out of the phase they happen in and counted as "transfer"."""
-
-    def __init__(self, device, hook=None):
-        self.cuda, self.hook = device.type == "cuda", hook
-        self.times, self.peak_gb = {"transfer": 0.0}, {}
-
-    def _now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter(), offload.MOVED["seconds"]
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0, moved0 = self._now()
-        yield
-        t, moved = self._now()
-        self.hook and self.hook(name)
-        self.times["transfer"] += moved - moved0
-        self.times[name] = self.times.get(name, 0.0) + t - t0 - (moved - moved0)
-        if self.cuda:
-            self.peak_gb[name] = max(self.peak_gb.get(name, 0.0), torch.cuda.max_memory_allocated() / 1e9)
 
 
 def train_step(step, cfg, ctx):
@@ -243,27 +214,6 @@ def step_metrics(rewards, A, policy_loss, cfg, ctx):
                 policy_loss=total["policy_loss"] / ctx.world)
 
 
-@torch.no_grad()
-def evaluate(step, cfg, ctx):
-    """theta on the held-out prompts x eval_seeds fixed noises (evaluation.score_samples): per-sample scores,
-    also written to samples/scores_stepNNNNN.csv; an mp4 of each prompt's first seed."""
-    net, out = ctx.policy.net("default"), os.path.join(cfg.out_dir, "samples")
-    os.makedirs(out, exist_ok=True)
-
-    def save(i, seeds, video):
-        if seeds[0] == 0:
-            save_video(video[0], os.path.join(out, f"step{step:05d}_prompt{i}.mp4"))
-            ctx.log and ctx.log.frames(f"eval/sample/prompt{i}", video[0], step)
-    seeds = list(range(cfg.eval_seeds))
-    with fast.compiled(net, ctx.wan.vae) if ctx.fast_eval else contextlib.nullcontext():
-        scores = evaluation.score_samples(net, ctx.wan, ctx.reward_fn, ctx.eval_prompts, seeds, cfg.eval_frames,
-                                 cfg.sink_frames, cfg.window_frames, cfg.frames_per_block, cfg.micro_batch, cfg.seed,
-                                 lambda: autocast(ctx.device), save, ctx.rank, ctx.world)
-    if ctx.rank == 0:
-        evaluation.write_scores(os.path.join(out, f"scores_step{step:05d}.csv"), ctx.eval_prompts, seeds, {"theta": scores})
-    return scores
-
-
 FLAT_STEPS = 3  # this many flat steps in a row earn a warning
 
 
@@ -304,7 +254,7 @@ def main(argv):
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")
     if start == 0 and cfg.eval_every:
-        base = evaluate(0, cfg, ctx)
+        base = evaluation.evaluate_theta(0, cfg, ctx)
         log and log.row({"step": 0, **evaluation.summary(base, base)})
     elif cfg.eval_every and os.path.isfile(base_csv):
         base = evaluation.read_scores(base_csv, "theta")
@@ -319,7 +269,7 @@ def main(argv):
             tqdm.write(f"warning: steps {step - FLAT_STEPS + 1}-{step}: every group's candidates got equal rewards "
                        f"(--reward={cfg.reward}): zero advantages, nothing is being learnt (log: flat_groups)")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = evaluate(step, cfg, ctx)
+            last_eval = evaluation.evaluate_theta(step, cfg, ctx)
             row.update(evaluation.summary(last_eval, base))
         if log and (step % cfg.log_every == 0 or "eval/composite" in row):
             log.row(row)

@@ -93,7 +93,7 @@ def counted(name, fn):
 
 
 def instrument(ctx):
-    """Phase FLOPs at train.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
+    """Phase FLOPs at logs.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
     (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
     def lap_hook(name):
         if COUNTER is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import config
+import evaluation
 import fast
 import sample
 import train
@@ -129,15 +130,15 @@ def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypat
     for name in ("default", "old", "ref"):  # distinct, nonzero adapters: the compiled path must run theta's
         for p in ctx.policy.params(name):
             p.data = torch.randn(p.shape, generator=gen) * 0.3
-    monkeypatch.setattr(train.os, "makedirs", lambda *a, **k: None)  # no samples/ folder: scores only
-    monkeypatch.setattr(train, "save_video", lambda *a, **k: None)
-    monkeypatch.setattr(train.evaluation, "write_scores", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation.os, "makedirs", lambda *a, **k: None)  # no samples/ folder: scores only
+    monkeypatch.setattr(evaluation, "save_video", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation, "write_scores", lambda *a, **k: None)
     stages = ctx.policy.model.stages
 
     def scores(fast_eval):
         ctx.fast_eval = fast_eval
         before = sample.compilations()
-        out = train.evaluate(1, cfg, ctx)
+        out = evaluation.evaluate_theta(1, cfg, ctx)
         return out, sample.compilations() - before
     eager, none = scores(False)
     compiled, traced = scores(True)

@@ -207,7 +207,7 @@ def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, ar
 ])
 def test_train_rejects_bad_config_before_rollout(monkeypatch, args, msg):
     monkeypatch.setattr(train, "train_step", lambda *a: pytest.fail("a step ran before the config was rejected"))
-    monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("evaluated before the config was rejected"))
+    monkeypatch.setattr(train.evaluation, "evaluate_theta", lambda *a: pytest.fail("evaluated before the config was rejected"))
     with pytest.raises(SystemExit, match=msg) as err:
         train.main(args)
     assert "\n" not in str(err.value)  # one line

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import config
+import logs
 import policy as policy_mod
 import train
 from helpers import N
@@ -39,14 +40,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(wan):
 
 
 def test_phases_split_the_step_and_take_transfers_out(monkeypatch):
-    """train.Phases against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase, a
+    """logs.Phases against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase, a
     phase entered twice, and the gap between phases left out."""
     clock, ended = iter([0.0, 2.0, 5.0, 6.0, 6.5, 7.5]), []
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setitem(train.offload.MOVED, "seconds", 10.0)
-    phases = train.Phases(torch.device("cpu"), hook=ended.append)
+    monkeypatch.setattr(logs.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setitem(logs.offload.MOVED, "seconds", 10.0)
+    phases = logs.Phases(torch.device("cpu"), hook=ended.append)
     with phases("text"):
-        train.offload.MOVED["seconds"] += 0.5  # a parked model came to the GPU inside "text"
+        logs.offload.MOVED["seconds"] += 0.5  # a parked model came to the GPU inside "text"
     with phases("history"):
         pass
     with phases("text"):
