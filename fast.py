@@ -1,7 +1,7 @@
 """The fast sampling path, opt-in, applied to the model and the decoder from outside (bench/README.md):
 compiled block stages (CausalWan.compile_blocks) and the compiled decoder (vae.speed_up). The eager path stays
-the reference: the CPU tests run it, and python -m bench generate prints each fast path's agreement with it. (CUDA graphs of the
-generator's calls were measured too and removed: no gain end to end on an H200, bench/README.md.)
+the reference: the CPU tests run it, and `python -m bench generate` prints each fast path's agreement with it.
+(CUDA graphs of the generator's calls were measured too and removed: no gain end to end on an H200.)
 
 Compiling costs seconds once per process (more with empty inductor caches), and pays back per frame generated;
 `wanted` makes that trade by measurement: the fast path is the default only where the work is long enough.

@@ -201,8 +201,9 @@ def step_metrics(rewards, A, policy_loss, cfg, ctx):
     candidates all scored alike (no advantage), advantages, the policy loss. In float64, the spread from centred
     values: a statistic stays finite whenever the rewards are."""
     comp = rewards["composite"].double()
+    groups = comp.view(-1, cfg.group_size)
     local = {**{f"reward/{k}": float(v.double().sum()) for k, v in rewards.items()},
-             "flat_groups": float((lambda R: (R.amax(1) == R.amin(1)).sum())(comp.view(-1, cfg.group_size))),
+             "flat_groups": float((groups.amax(1) == groups.amin(1)).sum()),
              "adv_abs_mean": float(A.abs().sum()), "adv_clipped": float((A.abs() >= cfg.a_max).sum()),
              "samples": len(comp), "policy_loss": float(policy_loss)}
     total = all_sum_named(local)
