@@ -233,33 +233,8 @@ def check_config(cfg):
     need(not (cfg.compile_train and cfg.gradient_checkpointing and cfg.checkpoint_attention), "compile_train",
          "with gradient_checkpointing needs --checkpoint_attention=false (compiled stages do not run compiled "
          "under selective checkpointing)")
-    try:
-        parse_spec(cfg.reward)
-    except ValueError as e:
-        raise SystemExit(f"error: --reward: {e}") from None
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
-
-
-def parse_spec(spec):
-    """'name:weight,...' -> [(name, weight)]: names unique, weights finite (a NaN weight makes every composite NaN)."""
-    terms = []
-    for term in filter(None, map(str.strip, spec.split(","))):
-        name, _, weight = term.rpartition(":")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(f"reward term {term!r} must be name:weight") from None
-        if not math.isfinite(w):
-            raise ValueError(f"reward {name!r} has a non-finite weight {weight!r}")
-        if not name or name in dict(terms) or name == "composite":
-            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
-        terms.append((name, w))
-    if not terms:
-        raise ValueError(f"empty reward spec {spec!r}")
-    if not any(w for _, w in terms):  # a zero composite gives zero advantages: the whole run would train nothing
-        raise ValueError(f"reward spec {spec!r} has no nonzero weight: the composite would be 0 and nothing trained")
-    return terms
 
 
 def check_frames(cfg, max_frames):

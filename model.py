@@ -15,7 +15,6 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from offload import resident
 
 # ---------------------------------------------------------------------------------------------
 # Few-step schedule (Self-Forcing convention): steps [1000, 750, 500, 250] warped by shift 5,
@@ -260,7 +259,8 @@ class TextEncoder:
             raise ValueError(f"prompts must be a list of non-empty strings, got {prompts!r}")
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
-        with resident(self.encoder):  # on the GPU only while it encodes, if train.py parked it (offload.py)
+        # a parked encoder (offload.park) comes to the GPU only while it encodes
+        with getattr(self.encoder, "resident", contextlib.nullcontext)():
             dev = self.encoder.device
             mask = tok.attention_mask.to(dev)
             out = self.encoder(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state

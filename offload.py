@@ -5,9 +5,12 @@ umT5-XXL (11.4 GB bf16) encodes one prompt per step, HPSv3 (Qwen2-VL-7B, 16 GB) 
 training forward together. `park` moves a frozen module's weights to pinned host memory once; `resident` copies
 them to the GPU for the phase that uses them (non-blocking copies from pinned memory run at the link's speed)
 and afterwards points the module back at the pinned copy, which is still exact since nothing wrote to it: the
-way back costs nothing. On the CPU, or for a module never parked, both are no-ops.
+way back costs nothing. On the CPU, or for a module never parked, both are no-ops. The code that runs a parked
+module imports nothing of this file: `park` hands the module its own `resident()` context, which model.TextEncoder
+and rewards.CompositeReward enter around the phase (a module without one runs where it is).
 """
 import contextlib
+import functools
 import math
 import time
 
@@ -30,6 +33,7 @@ def park(module, device):
     for t in _tensors(module):
         t.data = t.data.to("cpu").pin_memory()
     module.parked_for = device
+    module.resident = functools.partial(resident, module)
     torch.cuda.empty_cache()  # hand the freed blocks back: other phases may need them in other sizes
     return module
 

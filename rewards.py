@@ -1,7 +1,8 @@
 """Composite clip reward (paper Sec. 3.3 / 4.1): VQ = HPSv3 mu over the top 30% of frames, MQ = VideoAlign
 on grayscale frames, TA = VideoAlign on RGB frames (the models: reward_models.py), composite = their weighted
-sum; `--reward` specs, custom `module:function` rewards, and DEFAULT_OFFLINE_SPEC: cheap pixel-space stand-ins
-for the three axes, for runs without weights."""
+sum; `--reward` specs (parse_spec), custom `module:function` rewards, and offline rewards: cheap pixel-space
+stand-ins for the three axes, for runs without weights (config.DEFAULT_OFFLINE_SPEC)."""
+import contextlib
 import importlib
 import math
 import re
@@ -10,8 +11,6 @@ from functools import partial
 
 import torch
 
-from config import parse_spec
-from offload import resident
 from reward_models import load_hpsv3, load_videoalign, luma, top30_mean
 
 def colorfulness(frames, prompts):
@@ -59,11 +58,16 @@ VIDEOALIGN_AXES = {"videoalign_vq": dict(axis="VQ", gray=False), "videoalign_mq"
                    "videoalign_ta": dict(axis="TA", gray=False)}  # the paper: MQ on grayscale, TA on RGB
 
 
+def resident(model):
+    """The context a parked model (offload.park) is on its GPU in; nothing for any other model, or None."""
+    return getattr(model, "resident", contextlib.nullcontext)()
+
+
 class CompositeReward:
     """(frames [B, F, 3, H, W] in [0, 1], B prompts) -> {name: [B] float32 CPU, ..., "composite"}.
 
     models[i]: the nn.Module reward i runs on (None: none). The rewards of one model run together, inside
-    offload.resident: a parked model is on the GPU only while it scores. seconds: each reward's wall time
+    `resident`: a parked model is on the GPU only while it scores. seconds: each reward's wall time
     in the last call (scoring only: a parked model's copy to the GPU is offload.MOVED's)."""
 
     def __init__(self, names, weights, fns, models=None):
@@ -128,6 +132,27 @@ def _finite(name, r, prompts):
         raise ValueError(f"reward {name!r} is {r[bad[0]].item()} (not finite) for sample {bad[0]} of the batch "
                          f"(prompt {prompts[bad[0]]!r:.80})" + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
     return r
+
+
+def parse_spec(spec):
+    """'name:weight,...' -> [(name, weight)]: names unique, weights finite (a NaN weight makes every composite NaN)."""
+    terms = []
+    for term in filter(None, map(str.strip, spec.split(","))):
+        name, _, weight = term.rpartition(":")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"reward term {term!r} must be name:weight") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward {name!r} has a non-finite weight {weight!r}")
+        if not name or name in dict(terms) or name == "composite":
+            raise ValueError(f"reward name {name!r} is empty, repeated or reserved")
+        terms.append((name, w))
+    if not terms:
+        raise ValueError(f"empty reward spec {spec!r}")
+    if not any(w for _, w in terms):  # a zero composite gives zero advantages: the whole run would train nothing
+        raise ValueError(f"reward spec {spec!r} has no nonzero weight: the composite would be 0 and nothing trained")
+    return terms
 
 
 def build_reward(spec, device="cpu", paths=None):

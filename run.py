@@ -11,10 +11,10 @@ import fast
 import loss
 import model
 import offload
-from config import parse_spec, read_prompts
+from config import read_prompts
 from logs import RunLog
 from policy import Policy
-from rewards import build_reward, check_rewards
+from rewards import build_reward, check_rewards, parse_spec
 from run_dir import claim_on_rank0
 
 
@@ -41,7 +41,10 @@ class Run:
 def check_paths(cfg, generator=True, rewards=True):
     """The files a run will load (the generator's, the rewards' the spec uses) exist, and a model folder holds what
     diffusers reads, before loading any and before out_dir is claimed."""
-    names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    try:
+        names = [name for name, _ in parse_spec(cfg.reward)] if rewards else []
+    except ValueError as e:
+        raise SystemExit(f"error: --reward: {e}") from None
     check_rewards(names, cfg)
     if generator and cfg.model is None and (cfg.checkpoint or cfg.base_lora):
         raise SystemExit("error: checkpoint and base_lora need model=PATH, the diffusers Wan2.1 folder they build on")
