@@ -82,6 +82,9 @@ def bench_generate(args, frames=21):
     """81 frames from text, end to end: the generator's and the decoder's fast paths against the eager
     reference (errors printed), per-kernel profiles, then progressive decoding: FPS and time to first frame."""
     from torch.utils.flop_counter import FlopCounterMode
+    user = user_rows(args.tiny) if args.part in ("all", "user") else []  # first: sample.py's processes need the GPU
+    if args.part == "user":  # memory that this process's models would hold
+        return user
     wan = real_wan(args.tiny)
     m, ae, n = wan.model, wan.vae, 3
     shape = wan.latent_shape(6 if args.tiny else frames)
@@ -89,8 +92,6 @@ def bench_generate(args, frames=21):
     noise = draw_noise(0, 1, shape, DEV)
     gflops = transformer_flops(WAN_1_3B if not args.tiny else model.TINY_TRANSFORMER, frames, tpf)
     rows, report = [], {}
-    if args.part == "user":
-        return user_rows(wan, args.tiny)
     kv = m.text_kv(wan.text_encoder([PROMPT]))
     cache = new_cache(m, 1, shape, 3, 21, n)  # one cache for every run, as sample.py keeps one
 
@@ -198,9 +199,7 @@ def bench_generate(args, frames=21):
             rows += eval_rows(wan, frames) if args.part != "e2e" else []
     for peer in PEERS:
         add(dict(part="end to end", **peer))
-    if args.part == "all":
-        rows += user_rows(wan, args.tiny)  # last: the subprocesses need the GPU memory this process's runs are done with
-    report["rows"] = rows
+    report["rows"] = rows = user + rows
     os.makedirs(OUT_DIR, exist_ok=True)
     with open(os.path.join(OUT_DIR, "generate_profile.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -8,21 +8,28 @@ import sys
 import tempfile
 import time
 
+import torch
+
 from bench.common import OUT_DIR, PROMPT
+from bench.models import real_wan
 
 WROTE = re.compile(r"wrote \S+: (\d+) frames .* in ([\d.]+)s \(([\d.]+) FPS.*first frames after ([\d.]+)s"
                    r"(?:; (\d+) compilations during the video)?")
 WARM_UP = re.compile(r"warm-up \((\d+) frames\): ([\d.]+)s")
 
 
-def write_random_folder(wan, path):
-    """wan's transformer, umT5 encoder, tokenizer and VAE as a diffusers Wan2.1 folder (what --model reads)."""
+def write_random_folder(path):
+    """The real-size random-weight transformer, umT5 encoder, tokenizer and VAE (models.real_wan) as a diffusers
+    Wan2.1 folder (what --model reads); the models leave the GPU with this call, for the subprocesses."""
     if os.path.isdir(os.path.join(path, "vae")):
         return path
+    wan = real_wan()
     wan.model.transformer.save_pretrained(os.path.join(path, "transformer"))
     wan.text_encoder.encoder.save_pretrained(os.path.join(path, "text_encoder"))
     wan.text_encoder.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
     wan.vae.save_pretrained(os.path.join(path, "vae"))
+    del wan
+    torch.cuda.empty_cache()
     return path
 
 
@@ -42,13 +49,13 @@ def run(args, env):
     return wall, videos, warm and (int(warm.group(1)), float(warm.group(2)))
 
 
-def user_rows(wan, tiny=False):
+def user_rows(tiny=False):
     """One short video on the fast path cold and warm, then on the eager path, one long video, a
     multi-prompt video, three videos in one process: what sample.py prints, beside the whole command's wall time
     (the fast path's break-even, fast.PAYS_FROM_FRAMES, comes from these rows)."""
     out = os.path.join(OUT_DIR, "user")
     os.makedirs(out, exist_ok=True)
-    folder = [] if tiny else ["--model", write_random_folder(wan, os.path.join(OUT_DIR, "wan-random"))]
+    folder = [] if tiny else ["--model", write_random_folder(os.path.join(OUT_DIR, "wan-random"))]
     caches = tempfile.mkdtemp(prefix="compile-caches-")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1", TORCH_LOGS="recompiles")

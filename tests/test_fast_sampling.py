@@ -129,7 +129,7 @@ def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypat
     gen = torch.Generator().manual_seed(21)
     for name in ("default", "old", "ref"):  # distinct, nonzero adapters: the compiled path must run theta's
         for p in ctx.policy.params(name):
-            p.data = torch.randn(p.shape, generator=gen) * 0.3
+            p.data = (torch.randn(p.shape, generator=gen) * 0.3).to(p.device, p.dtype)
     monkeypatch.setattr(evaluation.os, "makedirs", lambda *a, **k: None)  # no samples/ folder: scores only
     monkeypatch.setattr(evaluation, "save_video", lambda *a, **k: None)
     monkeypatch.setattr(evaluation, "write_scores", lambda *a, **k: None)
