@@ -7,7 +7,7 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
                       clip-cache recompute and x0_old of Eq. 1) on a plain copy of the base with theta_old's LoRA
                       folded in (policy.Policy.merge_old), with compiled block stages as sampling runs them. LoRA
                       only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
-fast_decode           the compiled decoder (vae.speed_up) for the group's forked batch (vae.Decoder.fork)
+fast_decode           the compiled decoder (fast.speed_up) for the group's forked batch (vae.Decoder.fork)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
@@ -15,6 +15,7 @@ checkpoint_attention  with gradient_checkpointing: keep each block's self-attent
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
+import fast
 import model
 import vae
 
@@ -36,12 +37,12 @@ def keep_self_attention(ctx, op, *args, **kwargs):
 
 
 def _stages(net, compiled):
-    net.stages = net.compile_blocks().stages if compiled else model.BLOCK_STAGES  # compiled once per net (model.py)
+    net.stages = fast.compile_blocks(net).stages if compiled else model.BLOCK_STAGES  # compiled once per net
 
 
 def _decoder(autoencoder, compiled):
     if compiled or autoencoder in vae.FAST:  # off: the layout and padding changes stay (the same arithmetic), eager
-        vae.speed_up(autoencoder, compile=compiled)
+        fast.speed_up(autoencoder, compile=compiled)
 
 
 def configure(ctx, cfg, compile=None):

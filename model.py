@@ -57,7 +57,7 @@ def add_noise(x0, noise, sigma):
 # ---------------------------------------------------------------------------------------------
 # One transformer block in three stages around its two attentions (diffusers' WanTransformerBlock order:
 # adaLN-modulated self-attention, cross-attention, modulated feed-forward; the modulations in fp32).
-# CausalWan.compile_blocks swaps in compiled copies of the stages: the fast sampling path.
+# fast.compile_blocks swaps in compiled copies of the stages (CausalWan.stages): the fast sampling path.
 def rotate(x, freqs):
     """RoPE on [B, T, H, D]: channel pairs rotated as complex numbers, in fp32; freqs = (cos, sin) [T, 1, D/2]."""
     cos, sin = freqs
@@ -150,8 +150,7 @@ class CausalWan(torch.nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
         self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
-        self.stages = BLOCK_STAGES  # compile_blocks() swaps in compiled copies
-        self.compiled_stages = None  # made by the first compile_blocks(), kept for later ones
+        self.stages = BLOCK_STAGES  # fast.compile_blocks swaps in compiled copies
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -182,17 +181,6 @@ class CausalWan(torch.nn.Module):
         ce = self.transformer.condition_embedder
         ctx = ce.text_embedder(text.to(ce.text_embedder.linear_1.weight.dtype))
         return [b.text_kv(ctx) for b in self.transformer.blocks]
-
-    def compile_blocks(self):
-        """The fast sampling path: the three stages of every block compiled once each (torch.compile fuses
-        the norms, the adaLN modulation, RoPE and the gated residuals around the matmuls; shapes are fixed
-        per block). Attention and the cache stay eager. python -m bench generate prints its agreement with eager.
-        Later calls reuse the same compiled stages: dynamo guards on the backend object, so a new torch.compile
-        wrapper would compile everything again (each evaluation of a training run, say)."""
-        if self.compiled_stages is None:
-            self.compiled_stages = tuple(torch.compile(f, dynamic=False) for f in BLOCK_STAGES)
-        self.stages = self.compiled_stages
-        return self
 
     def forward(self, x, timestep, text_kv, cache=None, start_frame=0, store=False):
         """Velocity for latents x [B, C, F, H, W] at absolute frames [start_frame, start_frame + F).

@@ -20,7 +20,7 @@ import torch
 import checkpoints
 import vae
 from config import read_prompts
-from fast import PAYS_FROM_FRAMES, wanted
+from fast import PAYS_FROM_FRAMES, compile_blocks, speed_up, wanted
 from files import VideoFile, remove_stale_tmp
 from rollout import draw_noise, generate, new_cache, switch_starts
 
@@ -215,11 +215,11 @@ def main(argv=None):
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
     print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
     if fast:  # compiled block stages and decoder: a dry run compiles every call the videos will make
-        torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: vae.py, above FAST)
+        torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: fast.py, above PAYS_FROM_FRAMES)
         torch._dynamo.config.recompile_limit = 64
         t0 = time.perf_counter()
-        m.compile_blocks()
-        vae.speed_up(wan.vae)
+        compile_blocks(m)
+        speed_up(wan.vae)
         frames, dry_switches = dry_run(a.frames, switches, a.sink_frames, a.window_frames, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
         render(wan, [kv] * (1 + len(dry_switches)), dry_switches,

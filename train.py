@@ -227,7 +227,7 @@ def main(argv):
     # FSDP2 (policy.shard) warns at every forward that a unit returns views (text K/V, velocities): nothing here
     # changes them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    if torch.cuda.is_available():  # process-wide settings of the compiled paths (why: vae.py, above FAST)
+    if torch.cuda.is_available():  # process-wide settings of the compiled paths (why: fast.py, above PAYS_FROM_FRAMES)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64
     check_log(cfg.log)

@@ -20,7 +20,7 @@ length (README, "How clips are decoded", has the measured error and cost of shor
 import weakref
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 
 # How far back in latent frames the decoder's state reaches (Wan2.1 decoder, 2 resblocks per stage + 1): every
@@ -30,73 +30,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, Wa
 RECEPTIVE_FIELD = 38
 
 
-FAST = weakref.WeakKeyDictionary()  # vae -> the decoder its streams run: compiled or not (speed_up)
-COMPILED = weakref.WeakKeyDictionary()  # vae -> its compiled decoder, made once (a new wrapper compiles anew)
-# The process-wide settings the compiled paths want, made in sight by the entry scripts (sample.py, evaluate.py,
-# train.py, bench/__main__.py): torch.backends.cudnn.benchmark = True, since cuDNN's heuristics pick an sm80 kernel
-# for the decoder's 96-channel full-resolution convs (35% of the decode on an H100) and timing the candidates once
-# per shape finds a faster one; torch._dynamo.config.recompile_limit = 64, since dynamo compiles each compiled
-# function once per input shape (the decoder's chunk layouts and batches, the block stages' cache lengths) and past
-# its default limit of 8 runs them eagerly without a word (the decoder took 1.27 s instead of 0.88 s, H100
-# 2026-11-22, when its pieces were compiled one by one).
-
-
-class Upsample3d(WanResample):
-    """diffusers' WanResample in its "upsample3d" mode (the decoder's temporal upsamplers; diffusers 0.35-0.42.1), the
-    same feature-cache protocol and arithmetic, written so that dynamo traces it whole. diffusers marks a stream's
-    first chunk by storing the string "Rep" in the cache and tests `entry == "Rep"` on every later chunk; on a
-    cached tensor that comparison is one torch 2.11's dynamo cannot trace, a graph break inside the decoder's loop
-    over its up blocks, after which dynamo gives up on the whole decoder for good and compiles its pieces one by
-    one, every chunk layout again (16 compilations inside sample.py's first video, H100, 2026-12-06). Here the
-    marker is told apart by its type. speed_up swaps it in; the eager path keeps diffusers' own module."""
-
-    def forward(self, x, feat_cache=None, feat_idx=[0]):
-        if feat_cache is None:  # a whole-video call without the cache: diffusers' code
-            return super().forward(x, feat_cache, feat_idx)
-        b, c, t, h, w = x.shape
-        idx = feat_idx[0]
-        feat_idx[0] += 1
-        before = feat_cache[idx]
-        if before is None:  # the stream's first chunk: its one latent frame stays one frame (no time doubling)
-            feat_cache[idx] = "Rep"
-        else:
-            keep = x[:, :, -2:].clone()  # the causal time conv's context for the next chunk: the last 2 frames
-            if keep.shape[2] < 2:  # a 1-frame chunk: the frame before it comes from the cache (zeros after "Rep")
-                prev = torch.zeros_like(keep) if isinstance(before, str) else before[:, :, -1:].to(keep.device)
-                keep = torch.cat([prev, keep], 2)
-            x = self.time_conv(x) if isinstance(before, str) else self.time_conv(x, before)
-            feat_cache[idx] = keep
-            x = x.reshape(b, 2, c, t, h, w)  # the time conv's 2c channels are two output frames per input frame
-            x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, 2 * t, h, w)
-        t = x.shape[2]
-        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # spatial 2x, frame by frame
-        return x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
-
-
-def speed_up(vae, compile=True):
-    """The GPU fast path, once per process: conv weights in channels_last(_3d) (cuDNN's fast layout), each causal
-    conv's spatial zero padding done by the convolution itself rather than by an F.pad copy of its input, and,
-    with compile, the decoder compiled. A stream has three chunk layouts (the first latent frame, the next two,
-    then chunks of `chunk` frames with 2 cached frames at every conv), so it compiles three times at fixed shapes.
-    Same pixels up to rounding (the same arithmetic: the same zeros, padded inside cuDNN); python -m bench generate
-    prints the difference. A second call with the same `compile` changes nothing. The process-wide settings this
-    path wants (cudnn.benchmark, dynamo's recompile limit) are the entry scripts' to make (above, FAST).
-    """
-    if vae in FAST and compile == (FAST[vae] is not vae.decoder):
-        return vae
-    for p in vae.parameters():
-        if p.ndim in (4, 5):
-            p.data = p.data.contiguous(memory_format=torch.channels_last if p.ndim == 4 else torch.channels_last_3d)
-    for m in vae.decoder.modules():
-        if type(m) is WanResample and m.mode == "upsample3d":
-            m.__class__ = Upsample3d
-        if isinstance(m, WanCausalConv3d) and any(m._padding[:4]):  # diffusers: (w, w, h, h, 2 t, 0) for F.pad
-            w, _, h, _, t, _ = m._padding
-            m.padding, m._padding = (0, h, w), (0, 0, 0, 0, t, 0)  # only the causal time padding stays a copy
-    if compile and vae not in COMPILED:
-        COMPILED[vae] = torch.compile(vae.decoder, dynamic=False)
-    FAST[vae] = COMPILED[vae] if compile else vae.decoder
-    return vae
+FAST = weakref.WeakKeyDictionary()  # vae -> the decoder module its streams run, where fast.speed_up set one (the
+#                                     compiled decoder, or diffusers' own in the channels-last layout it set)
 
 
 class Decoder:
@@ -142,7 +77,7 @@ class Decoder:
 
     def fork(self, batch):
         """A new stream for `batch` candidates that continues from this (batch-1) state. Eager: no copy (an expand).
-        Compiled (speed_up): copied into the layout the decoder's own batch state has (dense channels_last_3d), as
+        Compiled (fast.speed_up): copied into the layout the decoder's own batch state has (dense channels_last_3d), as
         dynamo guards on strides: an expand (stride 0) would compile every stage once more for a fork's first chunk.
         The copy adds little to the peak: the first chunk replaces each entry with a batch state of that size anyway."""
         if any(torch.is_tensor(s) and s.shape[0] != 1 for s in self.state):

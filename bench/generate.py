@@ -14,6 +14,7 @@ import vae
 from bench.common import DEV, OUT_DIR, PROMPT, rel_err, show, sync, timed
 from bench.models import WAN_1_3B, real_wan
 from bench.user import user_rows
+from fast import compile_blocks, speed_up
 from rollout import draw_noise, generate, group_rollout, new_cache
 
 def transformer_flops(cfg, frames, tpf, n=3, steps=5, window=21, sink=3):
@@ -111,7 +112,7 @@ def bench_generate(args, frames=21):
                                ("compiled block stages (sample.py's fast path)", True)]:
             t0 = time.perf_counter()
             if compiled and m.stages is model.BLOCK_STAGES:
-                m.compile_blocks()
+                compile_blocks(m)
             latents = gen()  # compiles; timed() warms up once more
             sync()
             setup_s = time.perf_counter() - t0
@@ -141,7 +142,7 @@ def bench_generate(args, frames=21):
             if fast is not None:
                 t0 = time.perf_counter()
                 torch.backends.cudnn.benchmark = True
-                vae.speed_up(ae, compile=fast)
+                speed_up(ae, compile=fast)
                 vae.Decoder(ae)(ref)
                 sync()
                 setup_s = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import fast
 import vae as V
 from helpers import N, text_kv
 from rollout import draw_noise, generate, new_cache
@@ -30,17 +31,17 @@ def test_streaming_decode_equals_one_shot(wan, cuts, chunk):
 
 
 def test_fast_decoder_layout_and_padding_give_the_same_pixels(wan):
-    """vae.speed_up without compile (the CPU can run it): channels-last weights, spatial padding moved into the
+    """fast.speed_up without compile (the CPU can run it): channels-last weights, spatial padding moved into the
     convolutions, chunks made contiguous. The same pixels as diffusers' decode of the untouched VAE."""
     torch.manual_seed(15)
     z = torch.randn(1, 16, 10, 4, 4)
     ref = diffusers_decode(wan.vae, z)
-    fast = V.speed_up(copy.deepcopy(wan.vae), compile=False)
-    moved = [m for m in fast.decoder.modules() if isinstance(m, V.WanCausalConv3d) and m.padding[1:] == (1, 1)]
+    quick = fast.speed_up(copy.deepcopy(wan.vae), compile=False)
+    moved = [m for m in quick.decoder.modules() if isinstance(m, V.WanCausalConv3d) and m.padding[1:] == (1, 1)]
     assert len(moved) > 10 and all(m._padding[:4] == (0, 0, 0, 0) for m in moved)
-    V.speed_up(fast, compile=False)  # twice is harmless: the padding is not moved again
+    fast.speed_up(quick, compile=False)  # twice is harmless: the padding is not moved again
     assert all(m.padding[1:] == (1, 1) for m in moved)
-    torch.testing.assert_close(V.Decoder(fast)(z), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(V.Decoder(quick)(z), ref, atol=1e-5, rtol=0)
 
 
 def test_clip_pixels_are_the_window_of_the_whole_video(wan):

@@ -157,7 +157,7 @@ def test_training_evaluation_through_the_compiled_path_scores_as_eager(monkeypat
 
 
 def test_compiled_path_is_made_once_per_model_and_vae(wan):
-    """fast.compiled, compile_blocks and vae.speed_up hand back the same compiled objects every time: dynamo guards
+    """fast.compiled, compile_blocks and speed_up hand back the same compiled objects every time: dynamo guards
     on the backend object, so a new torch.compile wrapper would compile everything again at each evaluation."""
     import copy
     import vae as V
@@ -166,23 +166,23 @@ def test_compiled_path_is_made_once_per_model_and_vae(wan):
     with fast.compiled(m, w.vae):
         stages, decoder = m.stages, V.FAST[w.vae]
     assert m.stages is eager_stages and stages is not eager_stages and decoder is not w.vae.decoder
-    V.speed_up(w.vae, compile=False)  # a training lever switched off (fast_train.configure), then on again
+    fast.speed_up(w.vae, compile=False)  # a training lever switched off (fast_train.configure), then on again
     assert V.FAST[w.vae] is w.vae.decoder
     with fast.compiled(m, w.vae):
         assert m.stages is stages and V.FAST[w.vae] is decoder
-    assert m.compile_blocks().stages is stages
+    assert fast.compile_blocks(m).stages is stages
 
 
 def test_fast_decoder_never_compares_a_cached_tensor_with_the_rep_marker(wan, monkeypatch):
     """diffusers marks a stream's first chunk with the string "Rep" in the decoder cache and tests `entry == "Rep"`
     on later chunks, where the entry is a tensor: torch 2.11's dynamo cannot trace that comparison, breaks the graph
     inside the decoder's up-block loop and then drops the whole decoder, compiling its pieces again inside the first
-    video (16 compilations, H100 2026-12-06; torch 2.13 traces it). speed_up's upsamplers (vae.Upsample3d) tell the
+    video (16 compilations, H100 2026-12-06; torch 2.13 traces it). speed_up's upsamplers (fast.Upsample3d) tell the
     marker apart by type: here a tensor compared with a str raises, and the stream of 1-, 2-, 3- and 1-frame chunks
     (every branch) still gives diffusers' own pixels; the control is diffusers' module, which compares."""
     import vae as V
-    fast = V.speed_up(copy.deepcopy(wan.vae), compile=False)
-    assert sum(type(m) is V.Upsample3d for m in fast.decoder.modules()) == 2  # the tiny decoder's temporal upsamplers
+    quick = fast.speed_up(copy.deepcopy(wan.vae), compile=False)
+    assert sum(type(m) is fast.Upsample3d for m in quick.decoder.modules()) == 2  # the tiny decoder's temporal upsamplers
     torch.manual_seed(16)
     z = torch.randn(1, 16, 7, 4, 4)
     ref = V.decode(wan.vae, z)
@@ -196,7 +196,7 @@ def test_fast_decoder_never_compares_a_cached_tensor_with_the_rep_marker(wan, mo
         return compare
     monkeypatch.setattr(torch.Tensor, "__eq__", strict(eq))
     monkeypatch.setattr(torch.Tensor, "__ne__", strict(ne))
-    dec = V.Decoder(fast)
+    dec = V.Decoder(quick)
     out = torch.cat([dec(z[:, :, a:b]) for a, b in [(0, 1), (1, 3), (3, 6), (6, 7)]], 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(AssertionError, match="compared with 'Rep'"):

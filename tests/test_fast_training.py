@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
+import fast
 import fast_train
 import model as M
 import rewards
@@ -154,7 +155,7 @@ def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradien
 # ------------------------------------------------------------------ decoder fork and the compiled paths
 def test_forked_decoder_state_has_the_layout_of_its_own_batch_state(wan):
     vae = copy.deepcopy(wan.vae)
-    V.speed_up(vae, compile=False)
+    fast.speed_up(vae, compile=False)
     dec = V.history_decoder(vae, torch.randn(1, 16, 9, 8, 8))
     fork = dec.fork(3)
     forked = [(s.shape, s.stride()) for s in fork.state if torch.is_tensor(s)]
@@ -231,5 +232,5 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     [e] = saved["errors"]
     assert e["variant"] == "fast" and 0 < e["clips_rel_err"] < 1e-5 and e["rewards_rel_err"] < 1e-5, e
     assert e["loss_rel_err"] < 1e-4 and 0 < e["grad_rel_err"] < 1e-2, e
-    fast = [r for r in saved["rows"] if r["variant"] == "fast" and r["phase"] == "step" and "G=4" in r["run"]]
-    assert len(fast) == 1 and fast[0]["tflop"] > 0
+    rows = [r for r in saved["rows"] if r["variant"] == "fast" and r["phase"] == "step" and "G=4" in r["run"]]
+    assert len(rows) == 1 and rows[0]["tflop"] > 0
