@@ -4,7 +4,9 @@ incomplete file; videos written the same way (VideoFile). Imports nothing of the
 import json
 import os
 import pickle
+import queue
 import re
+import threading
 import zipfile
 
 import imageio
@@ -102,29 +104,72 @@ def remove_stale_tmp(folder):
 
 class VideoFile:
     """An mp4 written frame by frame as blocks are decoded, under a temporary name renamed when complete:
-    memory stays bounded by a block, and a crash never leaves a half-written file at `path`."""
+    memory stays bounded by a few blocks, and a crash never leaves a half-written file at `path`.
+
+    A writer thread feeds ffmpeg, so that the caller (the GPU) goes on with the next block while the encoder takes
+    this one: the pipe to ffmpeg blocks until the encoder has taken the frames (1.1-2.6 s per 81 frames of 480x832
+    on 2 CPU cores, smooth to noise-like content), time the GPU would otherwise sit idle."""
 
     def __init__(self, path, fps=16):
         self.path = path
         self.tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp-{os.getpid()}-{os.path.basename(path)}")
         self.writer = imageio.get_writer(self.tmp, fps=fps, format="FFMPEG", macro_block_size=1)
-        self.frames = 0
+        self.frames, self.failed = 0, None
+        self.pending = queue.Queue(maxsize=4)  # blocks on their way to ffmpeg: host memory bounded
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+        self.thread.start()
 
     def write(self, frames):
-        """frames [F, 3, H, W] in [0, 1]"""
-        for f in (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
-            self.writer.append_data(f)
+        """frames [F, 3, H, W] in [0, 1], on any device: made uint8 there and copied to the host without waiting."""
+        self._raise()
+        u8 = (frames.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        if u8.is_cuda:
+            host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(u8, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = u8.contiguous(), None
+        self.pending.put((host, ready))
         self.frames += frames.shape[0]
+
+    def _feed(self):
+        while (item := self.pending.get()) is not None:
+            try:
+                if self.failed is None:  # after a failure the rest is drained, not written
+                    host, ready = item
+                    ready is not None and ready.synchronize()
+                    for f in host.numpy():
+                        self.writer.append_data(f)
+            except Exception as e:
+                self.failed = e
+            finally:
+                self.pending.task_done()
+        self.pending.task_done()
+
+    def flush(self):
+        """Wait until ffmpeg has taken every frame written so far."""
+        self.pending.join()
+        self._raise()
+
+    def _raise(self):
+        if self.failed is not None:
+            raise RuntimeError(f"writing {self.path} failed: {type(self.failed).__name__}: {self.failed}")
 
     def __enter__(self):
         return self
 
     def __exit__(self, error, *_):
+        self.pending.put(None)
+        self.thread.join()
         self.writer.close()
-        if error is None:
+        if error is None and self.failed is None:
             os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            return
+        if os.path.exists(self.tmp):
             os.remove(self.tmp)
+        if error is None:
+            self._raise()
 
 
 def save_video(frames, path, fps=16):
