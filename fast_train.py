@@ -20,8 +20,10 @@ import model
 import vae
 
 _aten = torch.ops.aten
-SDPA_OPS = {_aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-            _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
+SDPA_OPS = {_aten._scaled_dot_product_flash_attention.default,
+            _aten._scaled_dot_product_efficient_attention.default,
+            _aten._scaled_dot_product_cudnn_attention.default,
+            _aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def keep_self_attention(ctx, op, *args, **kwargs):

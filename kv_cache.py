@@ -1,8 +1,9 @@
 """Sink + rolling-window KV cache for block-by-block video generation (paper Sec. 3; Self-Forcing, LongLive).
 
 A block attends to the sink, `sink_frames` latent frames kept forever (the first ones, until a
-prompt-switch re-cache may move it: `rewrite`), and to the `window_frames` most recent frames, itself included. Keys are stored *after* RoPE at their
-absolute frame positions, so an evicted frame never shifts the positions of the frames that stay.
+prompt-switch re-cache may move it: `rewrite`), and to the `window_frames` most recent frames, itself
+included. Keys are stored *after* RoPE at their absolute frame positions, so an evicted frame never shifts
+the positions of the frames that stay.
 
 Storage, per layer, is [batch, tokens, heads, head_dim] in frame order:
 - `own`: the frames this batch writes (the ordered list `self.frames` says which absolute frame
@@ -55,7 +56,8 @@ class KVCache:
         """Position the cache for the block of frames [start, start + n).
 
         A block already held (later denoising steps, the context pass) reuses its slots; a new block must
-        follow the last frame and first evicts what leaves the window. Pure bookkeeping on Python ints: no device work, no host sync."""
+        follow the last frame and first evicts what leaves the window. Pure bookkeeping on Python ints: no device
+        work, no host sync."""
         lo = start + n - self.window  # oldest non-sink frame the block may see
         if start in self.frames:
             i = self.frames.index(start)

@@ -72,7 +72,7 @@ def advantages(rewards, group_size, a_max=5.0):
     _check_finite("rewards", all_rewards)  # after the gather: every rank raises, none is left waiting
     R = rewards.float().view(-1, group_size)
     A = (R - R.mean(1, keepdim=True)).flatten()  # Eq. 4: A_i = R_i - mean of the G candidates sharing a prefix
-    A = A / (all_rewards.std(correction=0) + 1e-4)  # Eq. 4: scale by the global std of the step (+1e-4: all rewards equal)
+    A = A / (all_rewards.std(correction=0) + 1e-4)  # Eq. 4: the step's global std (+1e-4: all rewards equal)
     A = A.clamp(-a_max, a_max)  # Eq. 4: clip to A_max, so one outlier cannot dominate
     return A, 0.5 + 0.5 * A / a_max  # Eq. 4: r = clip(A / A_max, -1, 1) / 2 + 1/2
 
@@ -101,7 +101,8 @@ def kl_loss(x0_theta, x0_ref, mask, lam=1e-4, n_masked=None):
     x0_ref (pass None and skip the reference forward). For micro-batches pass n_masked = the masked count of the
     whole local batch: the micro-batch terms then add up to the full-batch value."""
     if mask.dtype != torch.bool or mask.shape != x0_theta.shape[:1]:
-        raise ValueError(f"mask: expected bool of shape {tuple(x0_theta.shape[:1])}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"mask: expected bool of shape {tuple(x0_theta.shape[:1])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
     if not mask.any():
         return torch.zeros((), device=x0_theta.device)
     if x0_ref is None:

@@ -1,8 +1,9 @@
 """Causal Wan2.1 generator: diffusers' WanTransformer3DModel, its submodules and weights, run block by
-block with what streaming needs (paper Sec. 3, after Self-Forcing and LongLive): absolute RoPE frame positions (cached keys keep the
-position they were generated at), self-attention over a sink + window cache (kv_cache.py), cross-attention
-K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5 text encoding and the
-`tiny` configuration the tests and the CPU demo run on. Checkpoint formats and loading: checkpoints.py."""
+block with what streaming needs (paper Sec. 3, after Self-Forcing and LongLive): absolute RoPE frame
+positions (cached keys keep the position they were generated at), self-attention over a sink + window cache
+(kv_cache.py), cross-attention K/V once per prompt, one timestep per call. Also: the warped 4-step schedule, umT5
+text encoding and the `tiny` configuration the tests and the CPU demo run on. Checkpoint formats and loading:
+checkpoints.py."""
 import contextlib
 import functools
 from dataclasses import dataclass

@@ -40,7 +40,8 @@ class Policy:
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if self.lora:
             tr.requires_grad_(False)
-            targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
+            targets = sorted(n for n, mod in tr.named_modules()
+                             if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
             self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
@@ -119,8 +120,8 @@ class Policy:
             return list(net.transformer.named_parameters())
         if name not in self.lora_named:  # the adapters' tensors stay the same objects (updated in place): listed once
             tag = f".{name}.weight"
-            self.lora_named[name] = [(k.replace(tag, ".weight"), p) for k, p in self.model.transformer.named_parameters()
-                                     if k.endswith(tag)]
+            self.lora_named[name] = [(k.replace(tag, ".weight"), p)
+                                     for k, p in self.model.transformer.named_parameters() if k.endswith(tag)]
         return self.lora_named[name]
 
     def params(self, name):
@@ -219,7 +220,8 @@ def save_checkpoint(step, cfg, ctx):
     the previous checkpoint whole and `latest` pointing at it."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    tensors = {name: {k: full_tensor(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}  # collective (FSDP)
+    # a collective under FSDP2: every rank takes part
+    tensors = {name: {k: full_tensor(p) for k, p in ctx.policy.named(name)} for name in Policy.NAMES}
     optim = get_optimizer_state_dict(ctx.policy.nets["default"], ctx.opt,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.rank != 0:
@@ -233,8 +235,8 @@ def save_checkpoint(step, cfg, ctx):
     if ctx.policy.lora:  # peft's adapter format: sample.py --lora and peft can read it
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(ctx.policy.lora_config.to_dict(), f, default=sorted, indent=1)
-    torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(), "config": dataclasses.asdict(cfg),
-                "rng": torch.get_rng_state()}, os.path.join(tmp, STATE))
+    torch.save({"step": step, "optimizer": optim, "controller": ctx.ctrl.state_dict(),
+                "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state()}, os.path.join(tmp, STATE))
     shutil.rmtree(final, ignore_errors=True)
     replace_durably(tmp, final)
     write_text_durably(os.path.join(cfg.out_dir, "latest"), os.path.basename(final))
@@ -271,7 +273,8 @@ def load_checkpoint(cfg, ctx):
             file = os.path.join(path, file)
             saved, mine = read_safetensors(file), dict(ctx.policy.named(name))
             check_finite(saved, file)
-            bad = sorted(set(saved) ^ set(mine)) + [k for k in mine if k in saved and saved[k].shape != full_tensor(mine[k]).shape]
+            bad = sorted(set(saved) ^ set(mine)) + [k for k in mine
+                                                    if k in saved and saved[k].shape != full_tensor(mine[k]).shape]
             if bad:
                 raise SystemExit(f"error: {file} does not fit this model (another size or LoRA rank?): {bad[:5]}")
             for k, p in mine.items():

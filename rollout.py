@@ -60,7 +60,8 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     if n < 1 or F % n:
         raise ValueError(f"{F} latent frames is not a whole number of {n}-frame blocks")
     if start_frame < 0 or start_frame + F > model.max_frames:  # checked before generating, not at the last block
-        raise ValueError(f"frames [{start_frame}, {start_frame + F}) are past the {model.max_frames}-position RoPE table")
+        raise ValueError(f"frames [{start_frame}, {start_frame + F}) are past the {model.max_frames}-position "
+                         f"RoPE table")
     if cache.k[0].shape[0] != B:
         raise ValueError(f"noise has batch {B}, the cache batch {cache.k[0].shape[0]}")
     first_frame = start_frame - (0 if latents is None else latents.shape[2])

@@ -75,7 +75,8 @@ def train_step(step, cfg, ctx):
                 masked=masked_total / (ctx.world * cfg.prompts_per_rank * cfg.group_size), rho=ctx.ctrl.rho,
                 tau_kl=ctx.ctrl.tau_kl, ref_reset=reset, grad_norm=grad_norm, step_time=time.perf_counter() - t0,
                 **{f"time/{k}": v for k, v in phases.times.items()},
-                **{f"time/reward/{k}": v for k, v in reward_s.items()}, transfer_gb=(offload.MOVED["bytes"] - moved) / 1e9,
+                **{f"time/reward/{k}": v for k, v in reward_s.items()},
+                transfer_gb=(offload.MOVED["bytes"] - moved) / 1e9,
                 **{f"peak_gb/{k}": v for k, v in phases.peak_gb.items()},
                 peak_mem_gb=max(phases.peak_gb.values(), default=0.0))
 
@@ -158,7 +159,8 @@ def policy_loss_backward(step, rollouts, rewards, cfg, ctx):
         x_t = model.add_noise(x0, torch.randn(x0.shape, generator=noise_gen).to(dev), sigma)
         args = (x_t, sigma, ro.text)
         with autocast(dev):
-            with ctx.policy.using("old") as old:  # history prefix + the candidates' clean clip K/V (Streaming Long Tuning)
+            # the history prefix + the candidates' clean clip K/V (Streaming Long Tuning)
+            with ctx.policy.using("old") as old:
                 cache = ro.group.clip_cache(old, ro.kv_old, i, b, cfg.frames_per_block)
             x0_old = ctx.policy.x0("old", *args, cache, ro.group.start, text_kv=ro.kv_old)
             x0_ref = ctx.policy.x0("ref", *args, cache, ro.group.start) if need_ref[k] else None
@@ -291,7 +293,8 @@ def main(argv):
     log and log.close()
     if ctx.rank == 0 and base is not None and last_eval is not None:
         print(f"held-out rewards, {base['composite'].numel()} samples (fixed noise), paired change step 0 -> "
-              f"{cfg.steps}:\n" + evaluation.table({"step 0": base, f"step {cfg.steps}": last_eval}, ["step 0", f"step {cfg.steps}"]))
+              f"{cfg.steps}:\n" + evaluation.table({"step 0": base, f"step {cfg.steps}": last_eval},
+                                                    ["step 0", f"step {cfg.steps}"]))
     if ctx.rank == 0:
         release(cfg.out_dir)
     if ctx.world > 1:  # drop DDP's reducer while its process group lives: torn down at exit, gloo can deadlock
