@@ -106,7 +106,7 @@ def speed_up(vae, compile=True):
     then chunks of `chunk` frames with 2 cached frames at every conv), so it compiles three times at fixed shapes.
     Same pixels up to rounding (the same arithmetic: the same zeros, padded inside cuDNN); python -m bench generate
     prints the difference. A second call with the same `compile` changes nothing. The process-wide settings this
-    path wants (cudnn.benchmark, dynamo's recompile limit) are the entry scripts' to make (above, FAST).
+    path wants (cudnn.benchmark, dynamo's recompile limit) are the entry scripts' to make (top of this file).
     """
     if vae in FAST and compile == (FAST[vae] is not vae.decoder):
         return vae
