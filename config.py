@@ -128,16 +128,23 @@ def _value(key, text, t, nullable):
 
 def usage():
     """--help: every field as --key=default with its comment from Config's source, under its section comment."""
+    header = f"python train.py [--preset=NAME] [--key=value ...]   presets: {', '.join(PRESETS)} (default tiny)"
+    return "\n".join([header, "", *flag_help(Config)])
+
+
+def flag_help(cls):
+    """A dataclass's fields as `--key=default  comment` lines, read from its source (a comment-only line is a
+    section header, or, indented past the code, the previous comment's continuation)."""
     import inspect
-    out = [f"python train.py [--preset=NAME] [--key=value ...]   presets: {', '.join(PRESETS)} (default tiny)", ""]
-    for line in inspect.getsource(Config).splitlines()[2:]:
+    out, names = [], {f.name for f in dataclasses.fields(cls)}
+    for line in inspect.getsource(cls).splitlines()[2:]:
         code, _, note = line.strip().partition("#")
-        if not code:
+        if not code and note:
             out.append(" " * 39 + note.strip() if note.startswith("   ") else "# " + note.strip())
-        else:
+        elif code.split(":")[0] in names:
             name = code.split(":")[0]
-            out.append(f"  {f'--{name}={getattr(Config, name)}':<36} {note.strip()}")
-    return "\n".join(out)
+            out.append(f"  {f'--{name}={getattr(cls, name)}':<36} {note.strip()}")
+    return out
 
 
 def parse_config(argv):

@@ -33,10 +33,10 @@ COMMANDS = {"generate": bench_generate, "group": bench_group, "train": bench_tra
             "scale-worker": bench_scale_worker, "fsdp": bench_fsdp}
 
 if __name__ == "__main__":
-    command, args = parse(sys.argv[1:])
+    command, args = parse(sys.argv[1:], __doc__)
     if command not in COMMANDS:
         raise SystemExit(f"usage: python -m bench {{{','.join(COMMANDS)}}} [--key=value ...] (bench/common.py: Args)")
-    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: vae.py, FAST)
+    if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: fast.py)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64
     result = COMMANDS[command](args)

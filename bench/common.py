@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from config import BOOLS
+from config import BOOLS, flag_help
 
 DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
@@ -29,8 +29,11 @@ class Args:
     compile: bool = None        # train: the compiled paths (default: on CUDA)
 
 
-def parse(argv):
-    """(command, Args) from the command line; every error names the flag."""
+def parse(argv, commands=""):
+    """(command, Args) from the command line; every error names the flag; --help prints `commands` and the flags."""
+    if {"--help", "-h"} & set(argv):
+        print(commands + "\nflags (a bare --key is --key=true):\n" + "\n".join(flag_help(Args)))
+        raise SystemExit(0)
     words = [a for a in argv if not a.startswith("--")]
     types = {f.name: f.type for f in dataclasses.fields(Args)}
     args = Args()

@@ -81,3 +81,27 @@ def test_importing_the_trainer_loads_no_reward_model_code():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_every_command_lists_each_flag_with_its_meaning_and_default(capsys):
+    """One dialect, documented where it is typed: train.py --help and python -m bench --help print every field of
+    their dataclass as --key=default beside its comment; sample.py's and evaluate.py's flags each carry a help line
+    (argparse prints the default beside it)."""
+    import dataclasses
+
+    import pytest
+
+    import config
+    import evaluate
+    import sample
+    from bench.common import Args, parse
+    for show, cls in ((lambda: config.parse_config(["--help"]), config.Config), (lambda: parse(["--help"]), Args)):
+        with pytest.raises(SystemExit) as done:
+            show()
+        out = capsys.readouterr().out
+        assert done.value.code == 0
+        for f in dataclasses.fields(cls):
+            line = next((x for x in out.splitlines() if x.strip().startswith(f"--{f.name}={getattr(cls, f.name)}")), "")
+            assert len(line.split(maxsplit=1)) == 2, f"--{f.name}: no default and meaning in\n{out}"
+    for parser in (sample.p, evaluate.p):
+        assert [a.option_strings for a in parser._actions if not a.help] == []
