@@ -15,6 +15,7 @@ from bench.common import DEV, OUT_DIR, PROMPT, rel_err, show, sync, timed
 from bench.models import WAN_1_3B, real_wan
 from bench.user import user_rows
 from fast import compile_blocks, speed_up
+from files import VideoFile
 from rollout import draw_noise, generate, group_rollout, new_cache
 
 def transformer_flops(cfg, frames, tpf, n=3, steps=5, window=21, sink=3):
@@ -158,27 +159,31 @@ def bench_generate(args, frames=21):
         # 3. end to end, text encoding included: decode after generation, or progressive (as sample.py). Decoding
         # on a second CUDA stream, overlapped with the next block, was measured too (H100, 2026-11-22: 3.92 s
         # against 3.94 s): the generator keeps the GPU busy, so it does not pay and is not kept.
-        def end_to_end(progressive, **video):
+        def end_to_end(progressive, mp4=None, **video):
+            """(pixels or None, seconds, first frame, text, generation, after it); mp4: the frames written there
+            as sample.py writes them (files.VideoFile, timed until ffmpeg has them all, as sample.py times)."""
             ev = {k: torch.cuda.Event(enable_timing=True) for k in ("start", "text", "generated", "first", "end")}
             t0 = time.perf_counter()
             ev["start"].record()
             text_kv = m.text_kv(wan.text_encoder([PROMPT]))
             ev["text"].record()
-            dec, out = vae.Decoder(ae), []
-
-            def on_block(x0):  # as sample.py: the first latent frame alone, so the first frame is out at once
-                for part in (x0[:, :, :1], x0[:, :, 1:]) if dec.frames == 0 and progressive else (x0,):
-                    out.append((dec(part) * 255).round().to(torch.uint8).cpu())  # sample.py writes each block
-                    len(out) == 1 and ev["first"].record()
-            latents = gen(text_kv, on_block if progressive else None, **video)
-            ev["generated"].record()
-            if not progressive:
-                on_block(latents)
-            video = torch.cat(out, 1)
-            ev["end"].record()
-            sync()
+            dec, out, seen = vae.Decoder(ae), [], []
+            with VideoFile(mp4) if mp4 else contextlib.nullcontext() as file:
+                def on_block(x0):  # as sample.py: the first latent frame alone, so the first frame is out at once
+                    for part in (x0[:, :, :1], x0[:, :, 1:]) if dec.frames == 0 and progressive else (x0,):
+                        y = dec(part)
+                        file.write(y[0]) if file else out.append((y * 255).round().to(torch.uint8).cpu())
+                        seen or seen.append(ev["first"].record())  # the first frames
+                latents = gen(text_kv, on_block if progressive else None, **video)
+                ev["generated"].record()
+                if not progressive:
+                    on_block(latents)
+                file and file.flush()
+                ev["end"].record()
+                sync()
+                seconds = time.perf_counter() - t0
             ms = lambda a, b: ev[a].elapsed_time(ev[b]) / 1e3  # noqa: E731
-            return video, time.perf_counter() - t0, ms("start", "first"), ms("start", "text"), \
+            return torch.cat(out, 1) if out else None, seconds, ms("start", "first"), ms("start", "text"), \
                 ms("text", "generated"), ms("generated", "end")
         if DEV.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -190,6 +195,10 @@ def bench_generate(args, frames=21):
                          seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1],
                          text_s=med[2], generate_s=med[3], after_s=med[4], max_abs_err=err,
                          peak_gb=torch.cuda.max_memory_allocated() / 1e9))
+            runs = [end_to_end(True, mp4=os.path.join(OUT_DIR, "e2e.mp4")) for _ in range(4)][1:]
+            med = [statistics.median(r[i] for r in runs) for i in range(1, 3)]
+            add(dict(part="end to end", variant="progressive, fast path, written to an mp4 as sample.py writes it",
+                     seconds=med[0], fps_end_to_end=(1 + 4 * (frames - 1)) / med[0], first_frame_s=med[1]))
             # a long video as `sample.py --frames 120 --sink_frames 3 --window_frames 21` makes it: from block 8 on every block
             # attends to the full sink + window (24 cached frames), where the 81-frame video's blocks average 12
             long_noise, long_cache = draw_noise(1, 1, wan.latent_shape(120), DEV), new_cache(m, 1, wan.latent_shape(120), 3, 21, n)
