@@ -200,8 +200,6 @@ def test_train_refuses_degenerate_flags_before_anything(tmp_path, no_compute, ar
     (["--keep_checkpoints=0"], "keep_checkpoints=0 must be at least 1"),
     (["--reward=colorfulness:nan"], "--reward: reward 'colorfulness' has a non-finite weight 'nan'"),
     (["--reward=colorfulness:1,smoothness:inf"], "reward 'smoothness' has a non-finite weight 'inf'"),
-    (["--reward=no_such_module:fn:1"], "cannot import module 'no_such_module'"),
-    (["--model=/nonexistent/wan"], "model='/nonexistent/wan' does not exist"),
     (["--out_dir=README.md"], "out_dir='README.md' is a file"),
     (["--clip_start=1023"], "past the generator's 1024-frame RoPE table"),
 ])
