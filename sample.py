@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 
 import torch
@@ -210,7 +211,6 @@ def main(argv=None):
     wan.to(a.device)
     wan.height, wan.width = a.height or wan.height, a.width or wan.width
     m, n, shape = wan.model, a.frames_per_block, wan.latent_shape(a.frames)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cache = new_cache(m, 1, shape, a.sink_frames, a.window_frames, n)  # one cache for every video (KVCache.reset between them)
     fast = wanted(a.fast, a.device, a.frames * len(jobs))
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
@@ -223,9 +223,12 @@ def main(argv=None):
         speed_up(wan.vae)
         frames, dry_switches = dry_run(a.frames, switches, a.sink_frames, a.window_frames, n)
         kv = m.text_kv(wan.text_encoder([jobs[0][1][0]]))
-        render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
-               draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n, bool(a.global_sink))
-        sync()
+        # written to a throw-away mp4, so that the writer's first use (imageio's ffmpeg set-up, 0.2 s of imports and
+        # subprocesses on the writer thread beside the GPU's work; pinned host buffers) is not in the first video
+        with tempfile.TemporaryDirectory() as tmp, VideoFile(os.path.join(tmp, "warm-up.mp4")) as video:
+            render(wan, [kv] * (1 + len(dry_switches)), dry_switches,
+                   draw_noise(a.seed, 1, wan.latent_shape(frames), a.device), cache, n, bool(a.global_sink), video.write)
+            video.flush()
         print(f"compile and warm-up ({frames} frames): {time.perf_counter() - t0:.1f}s "
               f"(once per process)")
     os.makedirs(os.path.dirname(os.path.abspath(jobs[0][0])), exist_ok=True)  # --prompts: the folder

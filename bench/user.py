@@ -74,7 +74,8 @@ def user_rows(tiny=False):
             ("3 x 81 frames, --prompts FILE, --fast 1", ["--frames", "21", "--prompts", prompts, "--fast", "1", "--out",
                                                          os.path.join(out, "many")])]
     rows = []
-    for name, args in jobs[:int(os.environ.get("BENCH_USER_JOBS", len(jobs)))]:  # the first N only, where time is short
+    picked = os.environ.get("BENCH_USER_JOBS")  # e.g. 0,1,1: the cold row, then the warm row twice (its spread)
+    for name, args in [jobs[int(i)] for i in picked.split(",")] if picked else jobs:
         wall, videos, warm = run(folder + args, env)
         first = videos[0]
         rows.append(dict(part="sample.py", variant=name, fps_end_to_end=first[2], seconds=first[1],
