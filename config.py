@@ -56,8 +56,8 @@ class Config:
     grad_clip: float = 1.0        # gradient norm clip
     gradient_checkpointing: bool = False  # recompute each block in the backward (the paper sizes need it)
     # the training step's fast paths (fast_train.py), each switchable so python -m bench train can measure its gain. Off
-    # until measured on a GPU (bench/README.md, "One RL step at the paper's scale"): each is checked against the eager step
-    # on the CPU only, where the GPU-only ones (compiling, cuDNN) do nothing
+    # here, the CPU tests' eager reference (where the GPU-only ones, compiling and cuDNN, do nothing anyway); the 1.3B
+    # presets switch on those measured to pay (_FAST_STEP, below)
     merged_rollouts: bool = False  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
     fast_decode: bool = False      # the compiled decoder (CUDA)
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
@@ -85,12 +85,19 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               save_every=50, reward="hpsv3:1,videoalign_mq:1,videoalign_ta:1", hpsv3="checkpoints/HPSv3.safetensors",
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
+# The fast paths measured to pay at the paper's scale (bench/README.md, "One RL step at the paper's scale"; H100,
+# 2026-12-06): with these three a G = 24 step took 177.7 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22): the
+# clip rollouts 65.0 -> 48.7 s, training 77.2 -> 65.4 s. fast_decode stays off (a fork of 3 through the compiled
+# decoder ran out of memory; one candidate a call is not measured yet), compile_train too (not measured). Not in the
+# krea preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
+_FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True)
 PRESETS = {
     "tiny": {},
-    "self_forcing": dict(_PAPER, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",
+    "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",
                          max_history_frames=9),
-    "causal_forcing": dict(_PAPER, checkpoint="checkpoints/causal_forcing.pt", max_history_frames=9),
-    "longlive": dict(_PAPER, checkpoint="checkpoints/longlive_base.pt", checkpoint_key="generator",
+    "causal_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/causal_forcing.pt", max_history_frames=9),
+    "longlive": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/longlive_base.pt", checkpoint_key="generator",
                      base_lora="checkpoints/lora.pt", window_frames=15, max_history_frames=228),
     # Krea realtime 14B (krea/krea-realtime-video): Self-Forcing on Wan2.1-T2V-14B, one .safetensors of `model.`-
     # prefixed original-Wan keys (krea-ai/realtime-video release_server.py). It attends to every earlier frame
@@ -106,8 +113,7 @@ PRESETS = {
 BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 # fields that may differ from the checkpoint's on --resume (applied, and said so); any other difference is refused
 RESUME_MAY_CHANGE = ("steps", "lr", "weight_decay", "grad_clip", "gradient_checkpointing", "log_every", "eval_every",
-                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log", "merged_rollouts",
-                     "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
+                     "eval_frames", "eval_prompts", "save_every", "keep_checkpoints", "log", *STEP_LEVERS)
 RESUME_IGNORED = ("out_dir", "resume", "overwrite")
 
 

@@ -7,7 +7,9 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
                       clip-cache recompute and x0_old of Eq. 1) on a plain copy of the base with theta_old's LoRA
                       folded in (policy.Policy.merge_old), with compiled block stages as sampling runs them. LoRA
                       only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
-fast_decode           the compiled decoder (fast.speed_up) for the group's forked batch (vae.Decoder.fork)
+fast_decode           the compiled decoder (fast.speed_up) for the group's forks (vae.Decoder.fork), one candidate a
+                      call: sampling's batch-1 graphs (a fork of 3 through the compiled decoder peaked at 67.5 GB at
+                      G = 3 and ran out of memory at G = 24, H100, 2026-12-06)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
@@ -57,6 +59,7 @@ def configure(ctx, cfg, compile=None):
     if pol.merge_old() is not None:
         _stages(pol.merged, compile)
     _decoder(ctx.wan.vae, cfg.fast_decode and compile)
+    ctx.decode_batch = 1 if cfg.fast_decode and compile else 0
     net.train_attention = model.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
     _stages(net, cfg.compile_train and compile)
     net.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None

@@ -32,6 +32,7 @@ class Run:
     opt: torch.optim.Optimizer
     ctrl: loss.Controller       # the uncertainty mask's rho and the dynamic reference's clock
     fast_eval: bool = False  # held-out evaluations through the compiled sampling path (fast.py)
+    decode_batch: int = 0    # candidates per decoder call in a step's decode (0: the micro-batch; fast_train.py)
     log: RunLog = None       # rank 0's log (logs.py), None elsewhere
     spread: dict = dataclasses.field(default_factory=dict)  # the last step's rewards and advantages (histograms)
     lap_hook: object = None  # Phases' hook: called with each phase's name as it ends (the bench counts FLOPs)

@@ -26,7 +26,7 @@ import loss
 import model
 import offload
 import vae
-from config import check_config, check_frames, parse_config
+from config import STEP_LEVERS, check_config, check_frames, parse_config
 from files import remove_stale_tmp
 from logs import Phases, RunLog, check_log
 from policy import clean_stale, full_tensor, load_checkpoint, save_checkpoint
@@ -120,9 +120,9 @@ def rollout_and_score(step, s, prompts, cfg, ctx, phases):
         # by the group like the KV prefix (vae.py); kept in (pinned) host memory and scored per micro-batch, so
         # GPU memory stays flat in G (G x 48 frames of 480 x 832 in fp32 are 5.5 GB at G = 24; offload.py)
         with phases("decode"):
-            dec, frames = vae.history_decoder(ctx.wan.vae, ro.group.history), None
-            for i in range(0, G, m):
-                x = dec.fork(min(m, G - i))(ro.group.clips[i:i + m])
+            dec, frames, b = vae.history_decoder(ctx.wan.vae, ro.group.history), None, ctx.decode_batch or m
+            for i in range(0, G, b):
+                x = dec.fork(min(b, G - i))(ro.group.clips[i:i + b])
                 frames = offload.host_buffer("frames", (G, *x.shape[1:]), x.dtype, dev) if frames is None else frames
                 frames[i:i + x.shape[0]].copy_(x, non_blocking=True)
             del dec
@@ -229,6 +229,10 @@ def main(argv):
     # FSDP2 (policy.shard) warns at every forward that a unit returns views (text K/V, velocities): nothing here
     # changes them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    # a step allocates and frees blocks of many sizes (candidates, decoder chunks, reward batches): expandable segments
+    # let freed memory serve other sizes (an out-of-memory left 22 GB reserved and unused, H100, 2026-12-06); the
+    # bench's step table (bench/README.md) was measured so. Read when CUDA first allocates, so set before build
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if torch.cuda.is_available():  # process-wide settings of the compiled paths (why: fast.py, above PAYS_FROM_FRAMES)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64
@@ -252,7 +256,8 @@ def main(argv):
         print(f"{ctx.world} rank(s) x {P} prompt(s) x {G} candidates = {ctx.world * P * G} clips per step; "
               f"per prompt: history 0-{cfg.max_history_frames} + {G} x {cfg.clip_frames} latent frames "
               f"(up to {ctx.world * P * (cfg.max_history_frames + G * cfg.clip_frames)} per step); "
-              f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'})")
+              f"trainable parameters: {trainable:,} ({'LoRA r=%d' % cfg.lora_rank if ctx.policy.lora else 'full'}); "
+              f"fast paths: {', '.join(k for k in STEP_LEVERS if getattr(cfg, k)) or 'none'} (fast_train.py)")
     log = ctx.log = RunLog(cfg.out_dir, cfg.log, start, dataclasses.asdict(cfg)) if ctx.rank == 0 else None
     base = last_eval = None  # held-out scores at step 0 (every later evaluation is paired with them), latest
     base_csv = os.path.join(cfg.out_dir, "samples", "scores_step00000.csv")

@@ -4,7 +4,7 @@ against the fast one (fast_train.py), FLOPs counted per phase, time, achieved TF
 For the first run (s, g) of --rows, at the same seed and inputs (weights, optimizer, controller and RNG restored in
 between; LoRA adapters random and nonzero, theta_old != theta):
   1. eager    every lever off: the reference step (warm-up)
-  2. fast     the levers of --levers, compiled: its first step compiles (warm-up)
+  2. fast     the levers of --levers, compiled: its first step compiles (warm-up); --levers= times the eager step
   3. halves   each half of the step apart, fast against eager (compare_halves): the rollout half's clips and rewards,
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
   4. counted  the fast step's math without compiling (the compiled code does the same FLOPs; dynamo does not run
@@ -28,10 +28,11 @@ import train
 import vae
 from bench.common import DEV, OUT_DIR, PROMPT, show
 from bench.models import paper_config, real_rewards, real_wan
+from config import STEP_LEVERS
 from logs import Phases
 from policy import Policy
 
-LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention", "compile_train")
+LEVERS = STEP_LEVERS
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
 CEILING = 805e12  # bf16 dense matmul FLOP/s (bench/README.md)
 
@@ -192,7 +193,7 @@ def compare_halves(ctx, cfg, state, s, g, fast, compiled, variant):
 
 def bench_train(args):
     """The runs of --rows (default: the preset's), see the module's docstring."""
-    t_start, fast = time.perf_counter(), args.levers.split(",")
+    t_start, fast = time.perf_counter(), [k for k in args.levers.split(",") if k]  # --levers= : none (eager, timed)
     compiled = DEV.type == "cuda" if args.compile is None else args.compile  # the compiled paths (fast_train.configure)
     unknown = set(fast) - set(LEVERS)
     if unknown or {"compile_train", "checkpoint_attention"} <= set(fast):
@@ -236,7 +237,7 @@ def bench_train(args):
     def timed(i, s, g, label):  # a fast step's rows, printed and saved as soon as measured
         nonlocal rows, last
         r, _, calls = step(i, s, g, fast, compiled, label=label)
-        new = phase_rows(args.preset, r, s, g, "fast", scaled(counted_at, s, g, calls))
+        new = phase_rows(args.preset, r, s, g, "fast" if fast else "eager (--levers=)", scaled(counted_at, s, g, calls))
         show(new)
         rows, last, peak[g] = rows + new, (r, g), r["peak_mem_gb"]
         os.makedirs(OUT_DIR, exist_ok=True)
