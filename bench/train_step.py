@@ -9,6 +9,7 @@ between; LoRA adapters random and nonzero, theta_old != theta):
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
   4. counted  the fast step's math without compiling (the compiled code does the same FLOPs; dynamo does not run
               compiled code under a dispatch mode), under FlopCount: FLOPs per phase
+     levers   with --each-lever: the step warm with every lever off, then with each lever alone (lever_table)
   5. fast     the first run again, warm, last: the timed row at g
 Each later run: the fast step, timed, its FLOPs scaled from 4 (phase by phase, the rule printed).
 """
@@ -255,6 +256,8 @@ def bench_train(args):
         restore(ctx, state)
         _, flops, calls = step(1, s0, g0, fast, False, count=True, label="fast, eager twin, counted")
         counted_at = (s0, g0, flops, calls)
+    if args.each_lever:
+        rows += lever_table(args.preset, step, ctx, state, s0, g0, fast, compiled)
     restore(ctx, state)
     del state, ref
     # the later runs first (the first of them always runs), the first run's warm fast step last, each if time allows
@@ -280,6 +283,28 @@ def bench_train(args):
     if checks:
         print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
         show(checks)
+    return rows
+
+
+def lever_table(preset, step, ctx, state, s, g, fast, compiled):
+    """The step at (s, g) from `state` with every lever off, then with each lever of `fast` alone, after the fast
+    step compiled them all (compiled objects are kept: a lever switched on again compiles nothing, and the
+    compilations column shows where one did). Each lever's gain per phase against every lever off."""
+    from torch._dynamo.utils import counters
+    results, rows = {}, []
+    for on in [()] + [(k,) for k in fast]:
+        restore(ctx, state)
+        graphs = counters["stats"]["unique_graphs"]
+        r, _, _ = step(1, s, g, on, compiled, label=f"lever table: {on[0] if on else 'every lever off'}")
+        results[on[0] if on else "every lever off"] = (r, counters["stats"]["unique_graphs"] - graphs)
+        rows += phase_rows(preset, r, s, g, f"lever alone: {on[0]}" if on else "eager, warm (every lever off)")
+    base = results["every lever off"][0]
+    table = [dict(lever=k, step_s=r["step_time"], gain_s=base["step_time"] - r["step_time"],
+                  **{f"{ph}_gain_s": base.get(f"time/{ph}", 0) - r.get(f"time/{ph}", 0)
+                     for ph in ("history", "clips", "decode", "train")},
+                  peak_gb=r["peak_mem_gb"], compilations=n) for k, (r, n) in results.items()]
+    print(f"\nthe lever table at s = {s}, G = {g}: each lever alone against every lever off (seconds saved)")
+    show(table)
     return rows
 
 

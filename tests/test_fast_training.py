@@ -209,16 +209,18 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
 
 
 def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
-    """`python -m bench train --tiny --check-scaling --compile`, the compiled paths on dynamo's eager backend, in a fresh
-    process: each half of the fast step stays at rounding against the eager one, and the FLOPs scaled from G = 2 equal
-    those counted at G = 4, phase by phase (the rule the GPU table relies on)."""
+    """`python -m bench train --tiny --check-scaling --compile --each-lever`, the compiled paths on dynamo's eager
+    backend, in a fresh process: each half of the fast step stays at rounding against the eager one, the FLOPs scaled
+    from G = 2 equal those counted at G = 4, phase by phase (the rule the GPU table relies on), and the lever table's
+    steps (each lever switched on alone after the fast step) compile nothing more."""
     import json
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import functools, runpy, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
-            "sys.argv = ['bench', 'train', '--tiny', '--check-scaling', '--compile', '--rows=6:2,6:4']; "
+            "sys.argv = ['bench', 'train', '--tiny', '--check-scaling', '--compile', '--rows=6:2,6:4', '--each-lever', "
+            "'--levers=merged_rollouts,fast_decode,train_attention,checkpoint_attention']; "
             "runpy.run_module('bench', run_name='__main__')")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(tmp_path)})
@@ -227,6 +229,10 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     checks = out[out.index("the scaling checked"):].splitlines()[2:9]
     assert [line.split()[2] for line in checks] == ["text", "history", "clips", "decode", "reward", "train", "optimizer"]
     assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
+    levers = out[out.index("the lever table at"):].splitlines()[2:7]
+    assert [line.split()[0] for line in levers] == ["every", "merged_rollouts", "fast_decode", "train_attention",
+                                                    "checkpoint_attention"], levers
+    assert all(line.split()[-1] == "0" for line in levers), levers  # compilations during the lever's step
     saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
     [e] = saved["errors"]
     assert e["variant"] == "fast" and 0 < e["clips_rel_err"] < 1e-5 and e["rewards_rel_err"] < 1e-5, e
