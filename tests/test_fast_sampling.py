@@ -55,6 +55,8 @@ def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, c
     out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "v"), "--fast", "2", "--device", "cpu",
                       *args], capsys)
     assert during_video(out) == [0, 0], out
+    names = sorted(p.name for p in (tmp_path / "v").iterdir())  # the warm-up's throw-away mp4 is not among them
+    assert len(names) == 2 and all(re.fullmatch(r"00[01]-[a-z0-9-]+\.mp4", n) for n in names), names
     # the control: a warm-up one block short compiles inside the video
     monkeypatch.setattr(sample, "dry_run", lambda f, s, *a, **k: (3, [x for x in s if x < 3]))
     torch._dynamo.reset()
