@@ -20,13 +20,11 @@ import os
 import time
 
 import torch
-import torch.utils.flop_counter as fc
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fast_train
 import offload
 import train
-import vae
+import bench.flops as counting
 from bench.common import DEV, OUT_DIR, PROMPT, show
 from bench.models import paper_config, real_rewards, real_wan
 from config import STEP_LEVERS
@@ -35,87 +33,6 @@ from policy import Policy
 
 LEVERS = STEP_LEVERS
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
-CEILING = 805e12  # bf16 dense matmul FLOP/s (bench/README.md)
-
-
-def _gqa_sdpa_flop_count(query_shape, key_shape, value_shape):
-    """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
-    K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
-    h = query_shape[1]
-    return _SDPA_FLOP_COUNT(query_shape, (key_shape[0], h, *key_shape[2:]), (value_shape[0], h, *value_shape[2:]))
-
-
-_SDPA_FLOP_COUNT = fc.sdpa_flop_count
-
-
-class FlopCount(TorchDispatchMode):
-    """FlopCounterMode's formulas (torch.utils.flop_counter.flop_registry: matmuls, convolutions, attention, forward
-    and backward) without its module tracker, whose hooks keep the activations gradient checkpointing frees (the
-    step ran out of memory under FlopCounterMode). Ops outside the registry count nothing (norms, elementwise).
-    While counting, torch's SDPA formula counts grouped K/V heads (_gqa_sdpa_flop_count); restored after."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __enter__(self):
-        fc.sdpa_flop_count = _gqa_sdpa_flop_count
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        fc.sdpa_flop_count = _SDPA_FLOP_COUNT
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        formula = fc.flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **(kwargs or {}), out_val=out)
-        return out
-
-
-COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
-
-
-def _mark(name, begin):
-    """FLOPS[name] += the FLOPs between a begin mark and the next end mark (under the counter)."""
-    if COUNTER is None:
-        return
-    if begin:
-        FLOPS["_" + name] = COUNTER.total
-    elif "_" + name in FLOPS:
-        FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.pop("_" + name)
-
-
-def counted(name, fn):
-    """fn, with the FLOPs it runs added to FLOPS["reward/" + name]."""
-    def run(*a, **k):
-        _mark(f"reward/{name}", True)
-        out = fn(*a, **k)
-        _mark(f"reward/{name}", False)
-        return out
-    return run
-
-
-def instrument(ctx):
-    """Phase FLOPs at logs.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
-    (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
-    def lap_hook(name):
-        if COUNTER is not None:
-            FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
-            FLOPS["_seen"] = COUNTER.total
-    ctx.lap_hook = lap_hook
-    warm = vae.history_decoder
-    vae.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]
-    net = ctx.policy.net
-
-    def policy_net(name):  # train_step asks for "ref", runs its forward, then asks for "default"
-        if name == "ref":
-            CALLS["ref"] = CALLS.get("ref", 0) + 1
-        if name in ("ref", "default"):
-            _mark("train/ref", name == "ref")
-        return net(name)
-    ctx.policy.net = policy_net
 
 
 def randomize_adapters(ctx, seed=0, std=1e-3):
@@ -200,7 +117,7 @@ def bench_train(args):
     if unknown or {"compile_train", "checkpoint_attention"} <= set(fast):
         raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {fast}")
     cfg = levers(paper_config(args.preset, args.tiny), ())
-    wan, (reward_fn, counts) = real_wan(args.tiny), real_rewards(args.tiny, counted)
+    wan, (reward_fn, counts) = real_wan(args.tiny), real_rewards(args.tiny, counting.counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
     probe = torch.rand(1, 8, 3, wan.height, wan.width, generator=torch.Generator().manual_seed(0)).to(DEV)
     text_ref, score_ref = wan.text_encoder([PROMPT]), reward_fn(probe, [PROMPT])
@@ -216,29 +133,28 @@ def bench_train(args):
     runs = [tuple(map(int, r.split(":"))) for r in (args.rows or ("6:2,6:4" if args.tiny else default)).split(",")]
     offload.host_buffer("frames", (max(g for _, g in runs), 4 * cfg.clip_frames, 3, wan.height, wan.width),
                         torch.float32, DEV)  # pinned before the timed steps, as train.build does for its G
-    instrument(ctx)
+    counting.instrument(ctx)
     randomize_adapters(ctx)
     rows, errors, peak, counted_at, last, checks = [], [], {}, None, None, []
 
     def step(i, s, g, on, compile, count=False, label=""):
-        global COUNTER
         cfg.clip_start, cfg.group_size = s, g
         fast_train.configure(ctx, levers(cfg, on), compile=compile)
-        FLOPS.clear(), CALLS.clear()
-        COUNTER = FlopCount() if count else None
+        counting.FLOPS.clear(), counting.CALLS.clear()
+        counting.COUNTER = counting.FlopCount() if count else None
         t0 = time.perf_counter()
-        with COUNTER or contextlib.nullcontext():
+        with counting.COUNTER or contextlib.nullcontext():
             r = train.train_step(i, cfg, ctx)
-        COUNTER = None
+        counting.COUNTER = None
         print(f"{label}, history {s}, G {g}: {r['step_time']:.1f}s ({time.perf_counter() - t0:.1f}s with the bench's "
               f"hooks), peak {r['peak_mem_gb']:.1f} GB ({peak_phase(r)}), loss {r['policy_loss']:.6g}, grad norm {r['grad_norm']:.6g}, "
-              f"reference forwards {CALLS.get('ref', 0)}", flush=True)
-        return r, dict(FLOPS), dict(CALLS)
+              f"reference forwards {counting.CALLS.get('ref', 0)}", flush=True)
+        return r, dict(counting.FLOPS), dict(counting.CALLS)
 
     def timed(i, s, g, label):  # a fast step's rows, printed and saved as soon as measured
         nonlocal rows, last
         r, _, calls = step(i, s, g, fast, compiled, label=label)
-        new = phase_rows(args.preset, r, s, g, "fast" if fast else "eager (--levers=)", scaled(counted_at, s, g, calls))
+        new = phase_rows(args.preset, r, s, g, "fast" if fast else "eager (--levers=)", counting.scaled(counted_at, s, g, calls))
         show(new)
         rows, last, peak[g] = rows + new, (r, g), r["peak_mem_gb"]
         os.makedirs(OUT_DIR, exist_ok=True)
@@ -272,14 +188,14 @@ def bench_train(args):
         timed(k if k <= len(runs) else 1, s, g, "fast" if k <= len(runs) else "fast, warm (the first run again)")
         if args.check_scaling and counted_at and k <= len(runs):
             _, flops, _ = step(k, s, g, fast, False, count=True, label="fast, eager twin, counted (scaling check)")
-            checks += check_scaling(counted_at, s, g, flops)
+            checks += counting.check_scaling(counted_at, s, g, flops)
     print("\neach half of the fast step against the eager one (same seed, inputs and weights; relative errors): the "
           "rollout half's clips and rewards, the update half's loss and theta's gradients on the eager half's "
           "rollouts and rewards (compare_halves says why not whole steps):")
     show(errors)
     if len(peak) > 1 and min(peak.values()) > 0:
         print(f"peak memory of the fast step by G: {peak} GB (max / min {max(peak.values()) / min(peak.values()):.3f})")
-    print(SCALING)
+    print(counting.SCALING)
     if checks:
         print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
         show(checks)
@@ -308,40 +224,6 @@ def lever_table(preset, step, ctx, state, s, g, fast, compiled):
     return rows
 
 
-SCALING = ("FLOPs: counted (FlopCount) on the fast step's eager twin at the first run's G = g0 and s; a run at G: text, "
-           "history, optimizer x 1; clips, reward x G/g0; decode: the history warm-up x 1, the rest x G/g0; train: all "
-           "but theta_ref's forwards x G/g0, plus each reference forward the run made at the counted cost of one "
-           "(runs at another s: no FLOPs)")
-
-
-def scaled(counted_at, s, g, calls):
-    """FLOPs by phase of a run at (s, g) from the counted run (SCALING says how)."""
-    if counted_at is None or counted_at[0] != s:
-        return {}
-    _, g0, f, c = counted_at
-    x = g / g0
-    out = {k: f.get(k, 0) for k in ("text", "history", "optimizer")}
-    out.update({k: v * x for k, v in f.items() if k.startswith("reward")})
-    out["clips"] = f.get("clips", 0) * x
-    warm = f.get("decode/warm-up", 0)
-    out["decode"] = warm + (f.get("decode", 0) - warm) * x
-    ref = f.get("train/ref", 0)
-    per_ref = ref / c["ref"] if c.get("ref") else 0.0  # (none counted: the run's reference forwards count nothing)
-    out["train"] = (f.get("train", 0) - ref) * x + per_ref * calls.get("ref", 0)
-    return out
-
-
-def check_scaling(counted_at, s, g, flops):
-    """Rows: each phase's FLOPs counted at (s, g) against scaled from counted_at (theta_ref's forwards left out of
-    both: how many run depends on the mask, the scaling counts them one by one)."""
-    want, out = scaled(counted_at, s, g, {}), []
-    for ph in ("text", "history", "clips", "decode", "reward", "train", "optimizer"):
-        got = flops.get(ph, 0) - (flops.get("train/ref", 0) if ph == "train" else 0)
-        out.append(dict(run=f"s={s} G={g}", phase=ph, counted_tflop=got / 1e12, scaled_tflop=want.get(ph, 0) / 1e12,
-                        rel_diff=abs(got - want.get(ph, 0)) / max(got, 1)))
-    return out
-
-
 def phase_rows(preset, r, s, g, variant, flops=None):
     """One table row per phase of a step result r (train_step's dict), then the step's total."""
     flops, out = flops or {}, []
@@ -350,7 +232,7 @@ def phase_rows(preset, r, s, g, variant, flops=None):
         fl = sum(v for k, v in flops.items() if "/" not in k) if ph == "step" and flops else flops.get(ph)
         out.append(dict(run=f"{preset} s={s} G={g}", variant=variant, phase=ph, seconds=secs,
                         share=secs / r["step_time"], tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl else "",
-                        ceiling=fl / secs / CEILING if fl else "",
+                        ceiling=fl / secs / counting.CEILING if fl else "",
                         peak_gb=r["peak_mem_gb"] if ph == "step" else r.get(f"peak_gb/{ph}", ""),
                         moved_gb=r["transfer_gb"] if ph == "transfer" else ""))
     return out

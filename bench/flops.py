@@ -1,0 +1,123 @@
+"""bench train's FLOP counting: each phase's FLOPs counted on the real code path with torch's formulas (FlopCount),
+marked at logs.Phases' boundaries, and the rule that scales a run counted at G = g0 to another G (checked by
+`python -m bench train --check-scaling`)."""
+import torch.utils.flop_counter as fc
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import vae
+
+CEILING = 805e12  # bf16 dense matmul FLOP/s (bench/README.md)
+
+
+def _gqa_sdpa_flop_count(query_shape, key_shape, value_shape):
+    """FlopCounterMode's SDPA formula asserts equal query and key heads; Qwen2-VL's language model uses grouped
+    K/V heads (each K/V head serves several query heads), which costs what as many full heads would."""
+    h = query_shape[1]
+    return _SDPA_FLOP_COUNT(query_shape, (key_shape[0], h, *key_shape[2:]), (value_shape[0], h, *value_shape[2:]))
+
+
+_SDPA_FLOP_COUNT = fc.sdpa_flop_count
+
+
+class FlopCount(TorchDispatchMode):
+    """FlopCounterMode's formulas (torch.utils.flop_counter.flop_registry: matmuls, convolutions, attention, forward
+    and backward) without its module tracker, whose hooks keep the activations gradient checkpointing frees (the
+    step ran out of memory under FlopCounterMode). Ops outside the registry count nothing (norms, elementwise).
+    While counting, torch's SDPA formula counts grouped K/V heads (_gqa_sdpa_flop_count); restored after."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __enter__(self):
+        fc.sdpa_flop_count = _gqa_sdpa_flop_count
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fc.sdpa_flop_count = _SDPA_FLOP_COUNT
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = fc.flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
+
+
+def _mark(name, begin):
+    """FLOPS[name] += the FLOPs between a begin mark and the next end mark (under the counter)."""
+    if COUNTER is None:
+        return
+    if begin:
+        FLOPS["_" + name] = COUNTER.total
+    elif "_" + name in FLOPS:
+        FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.pop("_" + name)
+
+
+def counted(name, fn):
+    """fn, with the FLOPs it runs added to FLOPS["reward/" + name]."""
+    def run(*a, **k):
+        _mark(f"reward/{name}", True)
+        out = fn(*a, **k)
+        _mark(f"reward/{name}", False)
+        return out
+    return run
+
+
+def instrument(ctx):
+    """Phase FLOPs at logs.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
+    (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
+    def lap_hook(name):
+        if COUNTER is not None:
+            FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
+            FLOPS["_seen"] = COUNTER.total
+    ctx.lap_hook = lap_hook
+    warm = vae.history_decoder
+    vae.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]
+    net = ctx.policy.net
+
+    def policy_net(name):  # train_step asks for "ref", runs its forward, then asks for "default"
+        if name == "ref":
+            CALLS["ref"] = CALLS.get("ref", 0) + 1
+        if name in ("ref", "default"):
+            _mark("train/ref", name == "ref")
+        return net(name)
+    ctx.policy.net = policy_net
+
+
+SCALING = ("FLOPs: counted (FlopCount) on the fast step's eager twin at the first run's G = g0 and s; a run at G: text, "
+           "history, optimizer x 1; clips, reward x G/g0; decode: the history warm-up x 1, the rest x G/g0; train: all "
+           "but theta_ref's forwards x G/g0, plus each reference forward the run made at the counted cost of one "
+           "(runs at another s: no FLOPs)")
+
+
+def scaled(counted_at, s, g, calls):
+    """FLOPs by phase of a run at (s, g) from the counted run (SCALING says how)."""
+    if counted_at is None or counted_at[0] != s:
+        return {}
+    _, g0, f, c = counted_at
+    x = g / g0
+    out = {k: f.get(k, 0) for k in ("text", "history", "optimizer")}
+    out.update({k: v * x for k, v in f.items() if k.startswith("reward")})
+    out["clips"] = f.get("clips", 0) * x
+    warm = f.get("decode/warm-up", 0)
+    out["decode"] = warm + (f.get("decode", 0) - warm) * x
+    ref = f.get("train/ref", 0)
+    per_ref = ref / c["ref"] if c.get("ref") else 0.0  # (none counted: the run's reference forwards count nothing)
+    out["train"] = (f.get("train", 0) - ref) * x + per_ref * calls.get("ref", 0)
+    return out
+
+
+def check_scaling(counted_at, s, g, flops):
+    """Rows: each phase's FLOPs counted at (s, g) against scaled from counted_at (theta_ref's forwards left out of
+    both: how many run depends on the mask, the scaling counts them one by one)."""
+    want, out = scaled(counted_at, s, g, {}), []
+    for ph in ("text", "history", "clips", "decode", "reward", "train", "optimizer"):
+        got = flops.get(ph, 0) - (flops.get("train/ref", 0) if ph == "train" else 0)
+        out.append(dict(run=f"s={s} G={g}", phase=ph, counted_tflop=got / 1e12, scaled_tflop=want.get(ph, 0) / 1e12,
+                        rel_diff=abs(got - want.get(ph, 0)) / max(got, 1)))
+    return out
