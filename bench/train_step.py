@@ -31,7 +31,6 @@ from config import STEP_LEVERS
 from logs import Phases
 from policy import Policy
 
-LEVERS = STEP_LEVERS
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 560))  # bench train stops starting runs that would end later
 
 
@@ -70,7 +69,7 @@ def peak_phase(r):
 
 
 def levers(cfg, on):
-    for k in LEVERS:
+    for k in STEP_LEVERS:
         setattr(cfg, k, k in on)
     return cfg
 
@@ -113,9 +112,9 @@ def bench_train(args):
     """The runs of --rows (default: the preset's), see the module's docstring."""
     t_start, fast = time.perf_counter(), [k for k in args.levers.split(",") if k]  # --levers= : none (eager, timed)
     compiled = DEV.type == "cuda" if args.compile is None else args.compile  # the compiled paths (fast_train.configure)
-    unknown = set(fast) - set(LEVERS)
+    unknown = set(fast) - set(STEP_LEVERS)
     if unknown or {"compile_train", "checkpoint_attention"} <= set(fast):
-        raise SystemExit(f"--levers: choose from {LEVERS} (compile_train excludes checkpoint_attention), got {fast}")
+        raise SystemExit(f"--levers: choose from {STEP_LEVERS} (compile_train excludes checkpoint_attention), got {fast}")
     cfg = levers(paper_config(args.preset, args.tiny), ())
     wan, (reward_fn, counts) = real_wan(args.tiny), real_rewards(args.tiny, counting.counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
