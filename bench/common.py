@@ -26,8 +26,8 @@ class Args:
     levers: str = "merged_rollouts,train_attention,checkpoint_attention"  # train: the fast step's levers (the presets')
     flops: bool = True          # train: count the FLOPs per phase
     check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
-    each_lever: bool = False    # train: then the first run's step with every lever off and with each lever alone
-    #                             (warm, from the same state): the lever table of one process
+    each_lever: bool = False    # train: then the first run's step with every lever off, each lever alone and, with
+    #                             3 or more levers, all and all but each (warm, from the same state): the lever table
     compile: bool = None        # train: the compiled paths (default: on CUDA)
 
 

@@ -9,7 +9,7 @@ between; LoRA adapters random and nonzero, theta_old != theta):
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
   4. counted  the fast step's math without compiling (the compiled code does the same FLOPs; dynamo does not run
               compiled code under a dispatch mode), under FlopCount: FLOPs per phase
-     levers   with --each-lever: the step warm with every lever off, then with each lever alone (lever_table)
+     levers   with --each-lever: the step warm with every lever off, each lever alone, all, all but each (lever_table)
   5. fast     the first run again, warm, last: the timed row at g
 Each later run: the fast step, timed, its FLOPs scaled from 4 (phase by phase, the rule printed).
 """
@@ -202,23 +202,30 @@ def bench_train(args):
 
 
 def lever_table(preset, step, ctx, state, s, g, fast, compiled):
-    """The step at (s, g) from `state` with every lever off, then with each lever of `fast` alone, after the fast
-    step compiled them all (compiled objects are kept: a lever switched on again compiles nothing, and the
-    compilations column shows where one did). Each lever's gain per phase against every lever off."""
+    """The step at (s, g) from `state` with every lever off, with each lever of `fast` alone, with all of them and
+    with all but each, after the fast step compiled them all (compiled objects are kept: a lever switched on again
+    compiles nothing, and the compilations column shows where one did). Each row's gain per phase against every lever
+    off; a lever pays where its gain alone or what the step loses without it (all but it against all) does: levers
+    interact (the merged copy's rollouts and selective checkpointing both shorten the training phase)."""
     from torch._dynamo.utils import counters
+    sets = [()] + [(k,) for k in fast] + ([tuple(fast)] + [tuple(x for x in fast if x != k) for k in fast]
+                                          if len(fast) > 2 else [])
+    names = {(): "every lever off", tuple(fast): "all levers"} | {(k,): k for k in fast}
+    names |= {tuple(x for x in fast if x != k): f"all but {k}" for k in fast if len(fast) > 2}
     results, rows = {}, []
-    for on in [()] + [(k,) for k in fast]:
+    for on in sets:
         restore(ctx, state)
         graphs = counters["stats"]["unique_graphs"]
-        r, _, _ = step(1, s, g, on, compiled, label=f"lever table: {on[0] if on else 'every lever off'}")
-        results[on[0] if on else "every lever off"] = (r, counters["stats"]["unique_graphs"] - graphs)
-        rows += phase_rows(preset, r, s, g, f"lever alone: {on[0]}" if on else "eager, warm (every lever off)")
+        r, _, _ = step(1, s, g, on, compiled, label=f"lever table: {names[on]}")
+        results[names[on]] = (r, counters["stats"]["unique_graphs"] - graphs)
+        rows += phase_rows(preset, r, s, g, f"lever table: {names[on]}")
     base = results["every lever off"][0]
-    table = [dict(lever=k, step_s=r["step_time"], gain_s=base["step_time"] - r["step_time"],
+    table = [dict(levers=k, step_s=r["step_time"], gain_s=base["step_time"] - r["step_time"],
                   **{f"{ph}_gain_s": base.get(f"time/{ph}", 0) - r.get(f"time/{ph}", 0)
                      for ph in ("history", "clips", "decode", "train")},
                   peak_gb=r["peak_mem_gb"], compilations=n) for k, (r, n) in results.items()]
-    print(f"\nthe lever table at s = {s}, G = {g}: each lever alone against every lever off (seconds saved)")
+    print(f"\nthe lever table at s = {s}, G = {g}: seconds saved against every lever off (a lever's share in the "
+          f"set: all levers' gain minus all but it)")
     show(table)
     return rows
 

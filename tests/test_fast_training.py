@@ -212,7 +212,7 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     """`python -m bench train --tiny --check-scaling --compile --each-lever`, the compiled paths on dynamo's eager
     backend, in a fresh process: each half of the fast step stays at rounding against the eager one, the FLOPs scaled
     from G = 2 equal those counted at G = 4, phase by phase (the rule the GPU table relies on), and the lever table's
-    steps (each lever switched on alone after the fast step) compile nothing more."""
+    steps (each lever alone, all, all but each, after the fast step) compile nothing more."""
     import json
     import os
     import subprocess
@@ -229,9 +229,10 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     checks = out[out.index("the scaling checked"):].splitlines()[2:9]
     assert [line.split()[2] for line in checks] == ["text", "history", "clips", "decode", "reward", "train", "optimizer"]
     assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
-    levers = out[out.index("the lever table at"):].splitlines()[2:7]
-    assert [line.split()[0] for line in levers] == ["every", "merged_rollouts", "fast_decode", "train_attention",
-                                                    "checkpoint_attention"], levers
+    levers = out[out.index("the lever table at"):].splitlines()[2:12]
+    names = ["merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention"]
+    assert [" ".join(line.split()[:-8]) for line in levers] == (["every lever off"] + names + ["all levers"]
+                                                                  + [f"all but {k}" for k in names]), levers
     assert all(line.split()[-1] == "0" for line in levers), levers  # compilations during the lever's step
     saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
     [e] = saved["errors"]
@@ -242,7 +243,7 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
 
 
 def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_the_eager_path():
-    """train.py --preset=self_forcing runs the levers measured to pay (bench/README.md); the tiny default, the CPU
+    """train.py --preset=self_forcing runs the levers the bench measured together (bench/README.md); the tiny default, the CPU
     tests' reference, runs none; krea (14B, unmeasured) none."""
     names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
     table = {p: [getattr(config.parse_config([f"--preset={p}"]), k) for k in names] for p in config.PRESETS}
