@@ -57,7 +57,7 @@ class Config:
     gradient_checkpointing: bool = False  # recompute each block in the backward (the paper sizes need it)
     # the training step's fast paths (fast_train.py), each switchable so python -m bench train can measure its gain. Off
     # here, the CPU tests' eager reference (where the GPU-only ones, compiling and cuDNN, do nothing anyway); the 1.3B
-    # presets switch on those measured to pay (_FAST_STEP, below)
+    # presets switch on those measured together at G = 24 (_FAST_STEP, below)
     merged_rollouts: bool = False  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
     fast_decode: bool = False      # the compiled decoder (CUDA)
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
@@ -85,11 +85,13 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               save_every=50, reward="hpsv3:1,videoalign_mq:1,videoalign_ta:1", hpsv3="checkpoints/HPSv3.safetensors",
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
-# The fast paths measured to pay at the paper's scale (bench/README.md, "One RL step at the paper's scale"; H100,
-# 2026-12-06): with these three a G = 24 step took 177.7 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22): the
-# clip rollouts 65.0 -> 48.7 s, training 77.2 -> 65.4 s. fast_decode stays off (a fork of 3 through the compiled
-# decoder ran out of memory; one candidate a call is not measured yet), compile_train too (not measured). Not in the
-# krea preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
+# these three a G = 24 step took 177.7 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22). Alone at G = 3
+# merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the
+# G = 24 row was measured, until the lever table's all-but rows say whether it adds to the other two). fast_decode
+# stays off: it halved the decode at G = 3 but the step's peak went from 42.4 to 53.9 GB, over the 50 GB aim;
+# compile_train too (not measured). Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more,
+# and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
 _FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True)
 PRESETS = {

@@ -9,7 +9,8 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
                       only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
 fast_decode           the compiled decoder (fast.speed_up) for the group's forks (vae.Decoder.fork), one candidate a
                       call: sampling's batch-1 graphs (a fork of 3 through the compiled decoder peaked at 67.5 GB at
-                      G = 3 and ran out of memory at G = 24, H100, 2026-12-06)
+                      G = 3 and ran out of memory at G = 24; one a call halved the decode at G = 3, 4.26 -> 2.04 s, but
+                      the step peaked at 53.9 GB, H100, 2026-12-06)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
