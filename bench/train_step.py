@@ -206,7 +206,9 @@ def lever_table(preset, step, ctx, state, s, g, fast, compiled):
     with all but each, after the fast step compiled them all (compiled objects are kept: a lever switched on again
     compiles nothing, and the compilations column shows where one did). Each row's gain per phase against every lever
     off; a lever pays where its gain alone or what the step loses without it (all but it against all) does: levers
-    interact (the merged copy's rollouts and selective checkpointing both shorten the training phase)."""
+    interact (the merged copy's rollouts and selective checkpointing both shorten the training phase). ref_forwards:
+    theta_ref's forwards in the training phase, one per micro-batch holding a masked sample; the mask follows rewards
+    that each lever's rounding moves, so a row with fewer saves a forward that is not the lever's."""
     from torch._dynamo.utils import counters
     sets = [()] + [(k,) for k in fast] + ([tuple(fast)] + [tuple(x for x in fast if x != k) for k in fast]
                                           if len(fast) > 2 else [])
@@ -216,14 +218,14 @@ def lever_table(preset, step, ctx, state, s, g, fast, compiled):
     for on in sets:
         restore(ctx, state)
         graphs = counters["stats"]["unique_graphs"]
-        r, _, _ = step(1, s, g, on, compiled, label=f"lever table: {names[on]}")
-        results[names[on]] = (r, counters["stats"]["unique_graphs"] - graphs)
+        r, _, calls = step(1, s, g, on, compiled, label=f"lever table: {names[on]}")
+        results[names[on]] = (r, calls.get("ref", 0), counters["stats"]["unique_graphs"] - graphs)
         rows += phase_rows(preset, r, s, g, f"lever table: {names[on]}")
     base = results["every lever off"][0]
     table = [dict(levers=k, step_s=r["step_time"], gain_s=base["step_time"] - r["step_time"],
                   **{f"{ph}_gain_s": base.get(f"time/{ph}", 0) - r.get(f"time/{ph}", 0)
                      for ph in ("history", "clips", "decode", "train")},
-                  peak_gb=r["peak_mem_gb"], compilations=n) for k, (r, n) in results.items()]
+                  peak_gb=r["peak_mem_gb"], ref_forwards=refs, compilations=n) for k, (r, refs, n) in results.items()]
     print(f"\nthe lever table at s = {s}, G = {g}: seconds saved against every lever off (a lever's share in the "
           f"set: all levers' gain minus all but it)")
     show(table)

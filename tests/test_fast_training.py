@@ -231,7 +231,7 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
     levers = out[out.index("the lever table at"):].splitlines()[2:12]
     names = ["merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention"]
-    assert [" ".join(line.split()[:-8]) for line in levers] == (["every lever off"] + names + ["all levers"]
+    assert [" ".join(line.split()[:-9]) for line in levers] == (["every lever off"] + names + ["all levers"]
                                                                   + [f"all but {k}" for k in names]), levers
     assert all(line.split()[-1] == "0" for line in levers), levers  # compilations during the lever's step
     saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
