@@ -115,7 +115,7 @@ def main(argv=None):
     seeds, runs, grid = list(range(a.eval_seeds)), {}, {}
     fast = wanted(a.fast, dev, len(prompts) * a.eval_seeds * a.frames * (2 if a.lora_b else 1))
     if fast:
-        torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: fast.py, above PAYS_FROM_FRAMES)
+        torch.backends.cudnn.benchmark = True  # the compiled path's process-wide settings (why: fast.py)
         torch._dynamo.config.recompile_limit = 64
     for label, lora in [("A", a.lora)] + ([("B", a.lora_b)] if a.lora_b else []):
         wan = checkpoints.load(a.model, a.checkpoint, a.checkpoint_key, a.base_lora, a.base_lora_alpha,

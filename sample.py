@@ -216,7 +216,7 @@ def main(argv=None):
     why = f"--fast {a.fast}" if a.fast is not None else f"the default for {a.frames * len(jobs)} latent frames on {a.device}"
     print(f"{'fast' if fast else 'eager'} path ({why}; README, Sampling: when the fast path pays)")
     if fast:  # compiled block stages and decoder: a dry run compiles every call the videos will make
-        torch.backends.cudnn.benchmark = True  # process-wide settings of the compiled path (why: fast.py, above PAYS_FROM_FRAMES)
+        torch.backends.cudnn.benchmark = True  # the compiled path's process-wide settings (why: fast.py)
         torch._dynamo.config.recompile_limit = 64
         t0 = time.perf_counter()
         compile_blocks(m)

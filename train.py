@@ -233,7 +233,7 @@ def main(argv):
     # let freed memory serve other sizes (an out-of-memory left 22 GB reserved and unused, H100, 2026-12-06); the
     # bench's step table (bench/README.md) was measured so. Read when CUDA first allocates, so set before build
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if torch.cuda.is_available():  # process-wide settings of the compiled paths (why: fast.py, above PAYS_FROM_FRAMES)
+    if torch.cuda.is_available():  # the compiled paths' process-wide settings (why: fast.py)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64
     check_log(cfg.log)

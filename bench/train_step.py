@@ -210,17 +210,16 @@ def lever_table(preset, step, ctx, state, s, g, fast, compiled):
     theta_ref's forwards in the training phase, one per micro-batch holding a masked sample; the mask follows rewards
     that each lever's rounding moves, so a row with fewer saves a forward that is not the lever's."""
     from torch._dynamo.utils import counters
-    sets = [()] + [(k,) for k in fast] + ([tuple(fast)] + [tuple(x for x in fast if x != k) for k in fast]
-                                          if len(fast) > 2 else [])
-    names = {(): "every lever off", tuple(fast): "all levers"} | {(k,): k for k in fast}
-    names |= {tuple(x for x in fast if x != k): f"all but {k}" for k in fast if len(fast) > 2}
+    sets = [("every lever off", ())] + [(k, (k,)) for k in fast]
+    if len(fast) > 2:  # with two, "all but one" is the other alone
+        sets += [("all levers", fast)] + [(f"all but {k}", [x for x in fast if x != k]) for k in fast]
     results, rows = {}, []
-    for on in sets:
+    for name, on in sets:
         restore(ctx, state)
         graphs = counters["stats"]["unique_graphs"]
-        r, _, calls = step(1, s, g, on, compiled, label=f"lever table: {names[on]}")
-        results[names[on]] = (r, calls.get("ref", 0), counters["stats"]["unique_graphs"] - graphs)
-        rows += phase_rows(preset, r, s, g, f"lever table: {names[on]}")
+        r, _, calls = step(1, s, g, on, compiled, label=f"lever table: {name}")
+        results[name] = (r, calls.get("ref", 0), counters["stats"]["unique_graphs"] - graphs)
+        rows += phase_rows(preset, r, s, g, f"lever table: {name}")
     base = results["every lever off"][0]
     table = [dict(levers=k, step_s=r["step_time"], gain_s=base["step_time"] - r["step_time"],
                   **{f"{ph}_gain_s": base.get(f"time/{ph}", 0) - r.get(f"time/{ph}", 0)
