@@ -63,6 +63,7 @@ class Config:
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
     compile_train: bool = False    # compiled block stages for theta's forward and backward (CUDA)
     checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
+    compile_rewards: bool = False  # the Qwen2-VL reward models' language-model layers compiled (CUDA)
     steps: int = 100              # optimizer steps of the run (with resume: in all)
     seed: int = 0                 # every draw is a function of (seed, step, prompt place): reproducible
     # output
@@ -92,8 +93,9 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # stays off: it halved the decode at G = 3 but the step's peak went from 42.4 to 53.9 GB, over the 50 GB aim;
 # compile_train too (not measured). Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more,
 # and nothing was measured at 14B.
-STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
-_FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True)
+STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
+               "compile_rewards")
+_FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, checkpoint_attention=True, compile_rewards=True)
 PRESETS = {
     "tiny": {},
     "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",

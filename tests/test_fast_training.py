@@ -245,10 +245,11 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
 def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_the_eager_path():
     """train.py --preset=self_forcing runs the levers the bench measured together (bench/README.md); the tiny default, the CPU
     tests' reference, runs none; krea (14B, unmeasured) none."""
-    names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention")
+    names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
+             "compile_rewards")
     table = {p: [getattr(config.parse_config([f"--preset={p}"]), k) for k in names] for p in config.PRESETS}
-    on = [True, False, True, False, True]
-    assert table == {"tiny": [False] * 5, "self_forcing": on, "causal_forcing": on, "longlive": on,
-                     "krea": [False] * 5}
+    on = [True, True, True, False, True, True]
+    assert table == {"tiny": [False] * 6, "self_forcing": on, "causal_forcing": on, "longlive": on,
+                     "krea": [False] * 6}
     for p in config.PRESETS:  # each preset's levers pass the config check (compile_train excludes the selective one)
         config.check_config(config.parse_config([f"--preset={p}", "--out_dir=/nonexistent/x"]))
