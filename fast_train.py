@@ -9,8 +9,9 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
                       only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
 fast_decode           the compiled decoder (fast.speed_up) for the group's forks (vae.Decoder.fork), one candidate a
                       call: sampling's batch-1 graphs (a fork of 3 through the compiled decoder peaked at 67.5 GB at
-                      G = 3 and ran out of memory at G = 24; one a call halved the decode at G = 3, 4.26 -> 2.04 s, but
-                      the step peaked at 53.9 GB, H100, 2026-12-06)
+                      G = 3 and ran out of memory at G = 24). One a call, train.py's G = 24 decode took 11.1 s instead
+                      of 26.9, but the step peaked at 55.3 GB (53.9 at G = 3, against 40.9 eager; H100, 2026-12-06),
+                      with cuDNN's convolution workspace capped at 2 GiB (CUDNN_CONV_WSCAP_DBG) as without
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 compile_rewards       each Qwen2-VL reward model's language-model layers compiled (torch.compile fuses the RMSNorms,
@@ -55,10 +56,11 @@ def _decoder(autoencoder, compiled):
         fast.speed_up(autoencoder, compile=compiled)
 
 
-def _rewards(reward_fn, compiled):
-    """Module.compile on each decoder layer: all layers share one compiled graph (dynamo guards on their code and
-    shapes, not on which layer); switching off drops the compiled call (the graphs stay cached for the next switch-on).
-    The parked models (offload.py) move between host and GPU by their tensors' .data, which the graphs take as inputs."""
+def compile_rewards(reward_fn, compiled):
+    """compile_rewards on (compiled) or off for reward_fn's Qwen2-VL models: Module.compile on each language-model
+    layer. A model's layers share one compiled graph (dynamo guards on their code and shapes, not on which layer);
+    switching off drops the compiled call (dynamo keeps the graphs for the next switch-on). The parked models
+    (offload.py) move between host and GPU by their tensors' .data, which the graphs take as inputs."""
     for scorer in dict.fromkeys(getattr(reward_fn, "models", [])):
         if isinstance(scorer, reward_models.QwenReward):
             for layer in scorer.model.language_model.layers:
@@ -82,5 +84,5 @@ def configure(ctx, cfg, compile=None):
     net.train_attention = model.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
     _stages(net, cfg.compile_train and compile)
     net.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None
-    _rewards(ctx.reward_fn, cfg.compile_rewards and compile)
+    compile_rewards(ctx.reward_fn, cfg.compile_rewards and compile)
     return ctx

@@ -233,10 +233,6 @@ def main(argv):
     # let freed memory serve other sizes (an out-of-memory left 22 GB reserved and unused, H100, 2026-12-06); the
     # bench's step table (bench/README.md) was measured so. Read when CUDA first allocates, so set before build
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # cuDNN's benchmark mode takes the fastest convolution algorithm whatever workspace it asks: the compiled decoder's
-    # channels-last convs (fast_decode) then raised the step's peak by 11.5 GB; capped at 2 GiB (read by cuDNN when it
-    # plans a convolution, so set before the first one) they run as fast (bench/README.md)
-    os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", "2048")
     if torch.cuda.is_available():  # the compiled paths' process-wide settings (why: fast.py)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64

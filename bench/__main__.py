@@ -36,9 +36,8 @@ if __name__ == "__main__":
     command, args = parse(sys.argv[1:], __doc__)
     if command not in COMMANDS:
         raise SystemExit(f"usage: python -m bench {{{','.join(COMMANDS)}}} [--key=value ...] (bench/common.py: Args)")
-    if command == "train":  # the allocator and cuDNN settings train.py makes (why: there), before CUDA first allocates
+    if command == "train":  # the allocator train.py sets (why: there), before CUDA first allocates
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        os.environ.setdefault("CUDNN_CONV_WSCAP_DBG", "2048")  # cuDNN's workspace cap train.py sets (why: there)
     if DEV.type == "cuda":  # process-wide settings of the compiled paths, as the entry scripts (why: fast.py)
         torch.backends.cudnn.benchmark = True
         torch._dynamo.config.recompile_limit = 64

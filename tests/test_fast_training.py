@@ -208,6 +208,35 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
         assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-8), k
 
 
+def test_compiled_reward_layers_score_as_eager_and_compile_once(monkeypatch):
+    """compile_rewards: HPSv3's and VideoAlign's language-model layers through dynamo (eager backend) give the eager
+    scores on fresh frames; a second call compiles nothing; switching off restores the eager layers."""
+    tok = make_tokenizer()
+    hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 5)
+    va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 6)
+    fns = [hps.score, functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False)]
+    reward = rewards.CompositeReward(["hpsv3", "va_mq", "va_ta"], [1.0, 0.5, 2.0], fns, [hps, va, va])
+    frames, prompts = video(3, 5, 64, 96, seed=8), ["a red fox", "a blue whale", "green hills"]
+    eager = reward(frames, prompts)
+    layers = [*hps.model.language_model.layers, *va.model.language_model.layers]
+    with eager_compile(monkeypatch) as counters:
+        fast_train.compile_rewards(reward, True)
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        compiled = reward(frames, prompts)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        fast_train.compile_rewards(reward, False)
+        assert all(layer._compiled_call_impl is None for layer in layers)
+        fast_train.compile_rewards(reward, True)
+        again = reward(frames, prompts)
+        assert counters["stats"]["unique_graphs"] == graphs
+        fast_train.compile_rewards(reward, False)
+    assert eager["composite"].std() > 1e-2  # the clips score differently
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(again[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
     """`python -m bench train --tiny --check-scaling --compile --each-lever`, the compiled paths on dynamo's eager
     backend, in a fresh process: each half of the fast step stays at rounding against the eager one, the FLOPs scaled
@@ -220,7 +249,7 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import functools, runpy, sys, torch; torch.compile = functools.partial(torch.compile, backend='eager'); "
             "sys.argv = ['bench', 'train', '--tiny', '--check-scaling', '--compile', '--rows=6:2,6:4', '--each-lever', "
-            "'--levers=merged_rollouts,fast_decode,train_attention,checkpoint_attention']; "
+            "'--levers=merged_rollouts,fast_decode,train_attention,checkpoint_attention,compile_rewards']; "
             "runpy.run_module('bench', run_name='__main__')")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "BENCH_OUT": str(tmp_path)})
@@ -229,8 +258,8 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     checks = out[out.index("the scaling checked"):].splitlines()[2:9]
     assert [line.split()[2] for line in checks] == ["text", "history", "clips", "decode", "reward", "train", "optimizer"]
     assert all(float(line.split()[-1]) < 1e-9 and float(line.split()[3]) > 0 for line in checks[:6]), checks
-    levers = out[out.index("the lever table at"):].splitlines()[2:12]
-    names = ["merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention"]
+    levers = out[out.index("the lever table at"):].splitlines()[2:14]
+    names = ["merged_rollouts", "fast_decode", "train_attention", "checkpoint_attention", "compile_rewards"]
     assert [" ".join(line.split()[:-9]) for line in levers] == (["every lever off"] + names + ["all levers"]
                                                                   + [f"all but {k}" for k in names]), levers
     assert all(line.split()[-1] == "0" for line in levers), levers  # compilations during the lever's step
@@ -248,7 +277,7 @@ def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_th
     names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
              "compile_rewards")
     table = {p: [getattr(config.parse_config([f"--preset={p}"]), k) for k in names] for p in config.PRESETS}
-    on = [True, True, True, False, True, True]
+    on = [True, False, True, False, True, True]
     assert table == {"tiny": [False] * 6, "self_forcing": on, "causal_forcing": on, "longlive": on,
                      "krea": [False] * 6}
     for p in config.PRESETS:  # each preset's levers pass the config check (compile_train excludes the selective one)
