@@ -10,8 +10,8 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
 fast_decode           the compiled decoder (fast.speed_up) for the group's forks (vae.Decoder.fork), one candidate a
                       call: sampling's batch-1 graphs (a fork of 3 through the compiled decoder peaked at 67.5 GB at
                       G = 3 and ran out of memory at G = 24). One a call, train.py's G = 24 decode took 11.1 s instead
-                      of 26.9, but the step peaked at 55.3 GB (53.9 at G = 3, against 40.9 eager; H100, 2026-12-06),
-                      with cuDNN's convolution workspace capped at 2 GiB (CUDNN_CONV_WSCAP_DBG) as without
+                      of 26.9, but the step peaked at 55.3 GB (53.9 at G = 3, against 40.9 eager; H100, 2026-12-06;
+                      what holds the memory: bench/README.md)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
 compile_rewards       each Qwen2-VL reward model's language-model layers compiled (torch.compile fuses the RMSNorms,
