@@ -63,7 +63,7 @@ class Config:
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
     compile_train: bool = False    # compiled block stages for theta's forward and backward (CUDA)
     checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
-    compile_rewards: bool = False  # the Qwen2-VL reward models' language-model layers compiled (CUDA)
+    compile_rewards: bool = False  # the Qwen2-VL reward models' language models compiled (CUDA)
     steps: int = 100              # optimizer steps of the run (with resume: in all)
     seed: int = 0                 # every draw is a function of (seed, step, prompt place): reproducible
     # output
@@ -87,16 +87,16 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
 # The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
-# the first three a G = 24 step took 178.6 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22). Alone at G = 3
+# these three a G = 24 step took 178.6 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22). Alone at G = 3
 # merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the
-# G = 24 row was measured, until the lever table's all-but rows say whether it adds to the other two);
-# compile_rewards took HPSv3's scoring of a micro-batch from 3.92 to 3.42 s (~4 s a G = 24 step; measured on its own,
-# not yet in the step). fast_decode stays off: it took train.py's G = 24 decode from 26.9 to 11.1 s, but the step's
-# peak to 55.3 GB, over the 50 GB aim; compile_train too (not measured). Not in the krea preset: theta_old's merged
+# G = 24 row was measured, until the lever table's all-but rows say whether it adds to the other two). fast_decode
+# stays off: it took train.py's G = 24 decode from 26.9 to 11.1 s, but the step's peak to 55.3 GB, over the 50 GB
+# aim; compile_rewards too until measured in the step (its layer-by-layer form took HPSv3's micro-batch from 3.92 to
+# 3.42 s, but would have compiled again at each new prompt length); compile_train (not measured). Not in the krea preset: theta_old's merged
 # copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
-_FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True, compile_rewards=True)
+_FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True)
 PRESETS = {
     "tiny": {},
     "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",

@@ -14,10 +14,10 @@ fast_decode           the compiled decoder (fast.speed_up) for the group's forks
                       what holds the memory: bench/README.md)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
-compile_rewards       each Qwen2-VL reward model's language-model layers compiled (torch.compile fuses the RMSNorms,
-                      RoPE and SwiGLU around the matmuls): HPSv3's scoring of a micro-batch (144 frames) 3.92 -> 3.42 s,
-                      its language model 2.82 -> 2.29 s, ~82% of 805 TFLOP/s (H100, 2026-12-06; compiling its ViT
-                      blocks too gave 0.09 s more, not taken)
+compile_rewards       each Qwen2-VL reward model's language model compiled (torch.compile fuses the RMSNorms, RoPE and
+                      SwiGLU around the matmuls). Its layers compiled one by one at fixed shapes took HPSv3's scoring
+                      of a micro-batch (144 frames) from 3.92 to 3.42 s, the language model from 2.82 to 2.29 s, ~82%
+                      of 805 TFLOP/s (H100, 2026-12-06); this whole-model, dynamic-shape form is not yet measured
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
 import torch
@@ -57,17 +57,19 @@ def _decoder(autoencoder, compiled):
 
 
 def compile_rewards(reward_fn, compiled):
-    """compile_rewards on (compiled) or off for reward_fn's Qwen2-VL models: Module.compile on each language-model
-    layer. A model's layers share one compiled graph (dynamo guards on their code and shapes, not on which layer);
-    switching off drops the compiled call (dynamo keeps the graphs for the next switch-on). The parked models
-    (offload.py) move between host and GPU by their tensors' .data, which the graphs take as inputs."""
+    """compile_rewards on (compiled) or off for reward_fn's Qwen2-VL models: each one's language model compiled whole,
+    its shapes dynamic. Whole, as Module.compile of each layer keys dynamo's cache on the one code object all modules
+    share (Module._call_impl): two models' 56 layers fill the recompile limit (64) at their first new shape, after
+    which dynamo runs them eagerly. Dynamic, as each prompt has its own token count: a graph per length would compile
+    again at nearly every step. Switching off drops the compiled call (dynamo keeps the graphs for the next switch-on);
+    the parked models (offload.py) move between host and GPU by their tensors' .data, which the graphs take as inputs."""
     for scorer in dict.fromkeys(getattr(reward_fn, "models", [])):
         if isinstance(scorer, reward_models.QwenReward):
-            for layer in scorer.model.language_model.layers:
-                if compiled and layer._compiled_call_impl is None:
-                    layer.compile(dynamic=False)
-                elif not compiled:
-                    layer._compiled_call_impl = None
+            lm = scorer.model.language_model
+            if compiled and lm._compiled_call_impl is None:
+                lm.compile(dynamic=True)
+            elif not compiled:
+                lm._compiled_call_impl = None
 
 
 def configure(ctx, cfg, compile=None):

@@ -23,8 +23,7 @@ class Args:
     part: str = "all"           # generate: all, breakdown (in-process rows), e2e (without profiles and evaluate's
     #                             rows), user (sample.py itself)
     rows: str = None            # train: the runs, "s:G,s:G" (default: the preset's)
-    levers: str = "merged_rollouts,train_attention,checkpoint_attention,compile_rewards"  # train: the fast step's
-    #                             levers (the presets')
+    levers: str = "merged_rollouts,train_attention,checkpoint_attention"  # train: the fast step's levers (the presets')
     flops: bool = True          # train: count the FLOPs per phase
     check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
     each_lever: bool = False    # train: then the first run's step with every lever off, each lever alone and, with

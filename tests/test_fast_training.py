@@ -208,33 +208,36 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
         assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-8), k
 
 
-def test_compiled_reward_layers_score_as_eager_and_compile_once(monkeypatch):
-    """compile_rewards: HPSv3's and VideoAlign's language-model layers through dynamo (eager backend) give the eager
-    scores on fresh frames; a second call compiles nothing; switching off restores the eager layers."""
+def test_compiled_reward_models_score_as_eager_and_compile_once_for_any_prompt_length(monkeypatch):
+    """compile_rewards: HPSv3's and VideoAlign's language models through dynamo (eager backend) give the eager scores
+    on fresh frames, for prompts of other token counts and another batch without compiling again (a graph per
+    length would compile at nearly every step), under the recompile limit train.py sets; switching off restores the
+    eager models."""
     tok = make_tokenizer()
     hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 5)
     va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 6)
     fns = [hps.score, functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False)]
     reward = rewards.CompositeReward(["hpsv3", "va_mq", "va_ta"], [1.0, 0.5, 2.0], fns, [hps, va, va])
-    frames, prompts = video(3, 5, 64, 96, seed=8), ["a red fox", "a blue whale", "green hills"]
-    eager = reward(frames, prompts)
-    layers = [*hps.model.language_model.layers, *va.model.language_model.layers]
+    frames = video(3, 5, 64, 96, seed=8) ** torch.linspace(0.4, 2.5, 3)[:, None, None, None, None]  # unlike clips
+    calls = [(frames, ["a red fox", "a blue whale", "green hills"]),
+             (frames, ["a red fox runs through fresh snow at sunrise, seen from far above the trees"] * 3),
+             (frames[:2], ["a cat", "a small grey cat asleep on a warm windowsill"])]
+    eager = [reward(x, p) for x, p in calls]
+    lms = [hps.model.language_model, va.model.language_model]
     with eager_compile(monkeypatch) as counters:
         fast_train.compile_rewards(reward, True)
-        assert all(layer._compiled_call_impl is not None for layer in layers)
-        compiled = reward(frames, prompts)
+        assert all(lm._compiled_call_impl is not None for lm in lms)
+        compiled = [reward(*calls[0])]
         graphs = counters["stats"]["unique_graphs"]
         assert graphs > 0
-        fast_train.compile_rewards(reward, False)
-        assert all(layer._compiled_call_impl is None for layer in layers)
-        fast_train.compile_rewards(reward, True)
-        again = reward(frames, prompts)
+        compiled += [reward(x, p) for x, p in calls[1:]]
         assert counters["stats"]["unique_graphs"] == graphs
         fast_train.compile_rewards(reward, False)
-    assert eager["composite"].std() > 1e-2  # the clips score differently
-    for k in eager:
-        torch.testing.assert_close(compiled[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
-        torch.testing.assert_close(again[k], eager[k], atol=1e-5, rtol=1e-5, msg=k)
+        assert all(lm._compiled_call_impl is None for lm in lms)
+    for e, c in zip(eager, compiled):
+        assert e["composite"].std() > 1e-3  # the clips score differently, by far more than the tolerance
+        for k in e:
+            torch.testing.assert_close(c[k], e[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
@@ -277,7 +280,7 @@ def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_th
     names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
              "compile_rewards")
     table = {p: [getattr(config.parse_config([f"--preset={p}"]), k) for k in names] for p in config.PRESETS}
-    on = [True, False, True, False, True, True]
+    on = [True, False, True, False, True, False]
     assert table == {"tiny": [False] * 6, "self_forcing": on, "causal_forcing": on, "longlive": on,
                      "krea": [False] * 6}
     for p in config.PRESETS:  # each preset's levers pass the config check (compile_train excludes the selective one)
