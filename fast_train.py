@@ -61,8 +61,9 @@ def compile_rewards(reward_fn, compiled):
     its shapes dynamic. Whole, as Module.compile of each layer keys dynamo's cache on the one code object all modules
     share (Module._call_impl): two models' 56 layers fill the recompile limit (64) at their first new shape, after
     which dynamo runs them eagerly. Dynamic, as each prompt has its own token count: a graph per length would compile
-    again at nearly every step. Switching off drops the compiled call (dynamo keeps the graphs for the next switch-on);
-    the parked models (offload.py) move between host and GPU by their tensors' .data, which the graphs take as inputs."""
+    again at nearly every step. Switching off drops the compiled call (dynamo keeps the graphs for the next
+    switch-on); the parked models (offload.py) move between host and GPU by their tensors' .data, which the graphs
+    take as inputs."""
     for scorer in dict.fromkeys(getattr(reward_fn, "models", [])):
         if isinstance(scorer, reward_models.QwenReward):
             lm = scorer.model.language_model

@@ -89,7 +89,8 @@ class QwenReward(nn.Module):
         feats = self.model.visual(pixels.to(embeds.dtype), grid_thw=grid).pooler_output
         embeds = embeds.masked_scatter((ids == self.pad_ids[video])[..., None], feats.to(embeds.dtype))
         positions = torch.arange(ids.shape[1], device=dev).expand_as(ids)  # sequential, not M-RoPE
-        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                    use_cache=False).last_hidden_state  # one forward: no KV cache to build for later tokens
         hits = [ids == t for t in self.reward_ids]
         if not all((hit.sum(1) == 1).all() for hit in hits):
             raise ValueError(f"each of {self.TOKENS} must occur exactly once per sequence")

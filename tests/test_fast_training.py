@@ -38,16 +38,22 @@ def random_adapters(policy, seed):
 
 
 # ------------------------------------------------------------------ rewards per micro-batch
+def qwen_rewards(seed):
+    """Tiny random HPSv3 and VideoAlign, and their three rewards (HPSv3; VideoAlign's MQ on gray, TA)."""
+    tok = make_tokenizer()
+    hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), seed)
+    va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), seed + 1)
+    mq, ta = functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False)
+    return hps, va, [hps.score, mq, ta]
+
+
 def test_rewards_per_micro_batch_equal_the_whole_group(monkeypatch):
     """The scores of clips scored `batch` at a time equal one call on all of them: HPSv3 (its 16-frame chunks straddle
     clips: 5 frames a clip), VideoAlign's two axes (4-clip chunks) and the offline rewards, each clip with its own
     prompt (a batch given another batch's prompts, or reordered, would differ). Each model is still resident once."""
-    tok = make_tokenizer()
-    hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 0)
-    va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 1)
+    hps, va, fns = qwen_rewards(0)
     names = ["hpsv3", "va_mq", "va_ta", "colorfulness", "prompt_color"]
-    fns = [hps.score, functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False),
-           rewards.colorfulness, rewards.prompt_color]
+    fns += [rewards.colorfulness, rewards.prompt_color]
     reward = rewards.CompositeReward(names, [1.0, 0.5, 2.0, 1.0, 3.0], fns, [hps, va, va, None, None])
     frames = video(7, 5, 64, 96, seed=3) ** torch.linspace(0.4, 2.5, 7)[:, None, None, None, None]
     prompts = ["a red fox", "a blue whale", "green hills", "a white cat", "a red car", "black night", "a fox"]
@@ -213,10 +219,7 @@ def test_compiled_reward_models_score_as_eager_and_compile_once_for_any_prompt_l
     on fresh frames, for prompts of other token counts and another batch without compiling again (a graph per
     length would compile at nearly every step), under the recompile limit train.py sets; switching off restores the
     eager models."""
-    tok = make_tokenizer()
-    hps = randomize(HPSv3(tiny_config(tok), hps_head(32), tok, PIXELS), 5)
-    va = randomize(VideoAlign(tiny_config(tok), nn.Linear(32, 3, bias=False), tok, PIXELS, norm=NORM, fps=2.0), 6)
-    fns = [hps.score, functools.partial(va.score, axis="MQ", gray=True), functools.partial(va.score, axis="TA", gray=False)]
+    hps, va, fns = qwen_rewards(5)
     reward = rewards.CompositeReward(["hpsv3", "va_mq", "va_ta"], [1.0, 0.5, 2.0], fns, [hps, va, va])
     frames = video(3, 5, 64, 96, seed=8) ** torch.linspace(0.4, 2.5, 3)[:, None, None, None, None]  # unlike clips
     calls = [(frames, ["a red fox", "a blue whale", "green hills"]),
