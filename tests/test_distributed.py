@@ -5,7 +5,6 @@ process's."""
 import copy
 import os
 import re
-import socket
 import tempfile
 
 import torch
@@ -21,19 +20,13 @@ from rollout import draw_noise, group_rollout
 
 
 # ------------------------------------------------------------------ train.py under torchrun
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args):
-    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum. The
-    rendezvous port is a free one, not a fixed number another run on the machine may hold."""
+    """train.py on 2 gloo processes; returns stdout after checking both ranks printed the same checksum.
+    --standalone: torchrun binds its rendezvous store to a port the system picks (port 0), so no port is chosen
+    here and released before it is bound (another process could take it in between)."""
     import subprocess
     import sys
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "train.py", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     # the two ranks share stdout, so their lines may interleave: match the printed format, not lines
@@ -72,7 +65,7 @@ def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
     and its gradients, with and without gradient checkpointing, must equal the unsharded model's."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     try:
         plain = copy.deepcopy(wan.model)
         with torch.no_grad():
@@ -121,11 +114,8 @@ def test_two_processes_match_one():
     g = torch.Generator().manual_seed(8)
     rewards = torch.randn(16, generator=g) * 3 + torch.arange(16) // 4  # 4 groups of 4
     P, X = torch.randn(16, generator=g), torch.randn(16, 2, generator=g)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, f"tcp://127.0.0.1:{port}", rewards, P, X, out), nprocs=2)
+    with tempfile.TemporaryDirectory() as out:  # the ranks meet in a file: no port to pick
+        mp.spawn(_worker, args=(2, f"file://{out}/store", rewards, P, X, out), nprocs=2)
         parts = [torch.load(os.path.join(out, f"{i}.pt")) for i in range(2)]
     A, r = advantages(rewards, group_size=4)
     torch.testing.assert_close(torch.cat([p[0] for p in parts]), A)

@@ -300,7 +300,7 @@ def test_sigterm_unwinds_train_releasing_the_lock_and_removing_temporary_files(t
 
 RANKS = """import os, sys; sys.path.insert(0, {root!r}); import torch.distributed as dist, run_dir
 rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method="file://{store}", rank=rank, world_size=2)
 try:
     run_dir.claim_on_rank0({out!r}, False, False, rank, 2)
     print("claimed", os.getpid(), open(os.path.join({out!r}, "run.lock")).read().strip(), flush=True)
@@ -313,15 +313,11 @@ dist.destroy_process_group()  # torn down at exit instead, gloo can abort the pr
 
 @pytest.mark.parametrize("earlier", [False, True])
 def test_under_torchrun_rank0_alone_claims_and_every_rank_learns_the_outcome(tmp_path, earlier):
-    import socket
     out = tmp_path / "run"
     if earlier:
         out.mkdir()
         (out / "log.jsonl").write_text('{"step": 1}\n')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = RANKS.format(root=ROOT, port=port, out=str(out))
+    code = RANKS.format(root=ROOT, store=str(tmp_path / "store"), out=str(out))  # the ranks meet in a file
     procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, text=True) for r in (0, 1)]
     lines = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], lines
