@@ -91,8 +91,8 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the
 # G = 24 row was measured, until the lever table's all-but rows say whether it adds to the other two). fast_decode
 # stays off: it took train.py's G = 24 decode from 26.9 to 11.1 s, but the step's peak to 55.3 GB, over the 50 GB
-# aim; compile_rewards too until measured in the step (its layer-by-layer form took HPSv3's micro-batch from 3.92 to
-# 3.42 s, but would have compiled again at each new prompt length); compile_train (not measured). Not in the krea
+# aim; compile_rewards too (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
+# minutes of compiling per process); compile_train (not measured). longlive's s = 228 step: ~188 s. Not in the krea
 # preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")

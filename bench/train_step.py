@@ -147,7 +147,8 @@ def bench_train(args):
         counting.COUNTER = None
         print(f"{label}, history {s}, G {g}: {r['step_time']:.1f}s ({time.perf_counter() - t0:.1f}s with the bench's "
               f"hooks), peak {r['peak_mem_gb']:.1f} GB ({peak_phase(r)}), loss {r['policy_loss']:.6g}, grad norm {r['grad_norm']:.6g}, "
-              f"reference forwards {counting.CALLS.get('ref', 0)}", flush=True)
+              f"reference forwards {counting.CALLS.get('ref', 0)}; {time.perf_counter() - t_start:.0f}s since start",
+              flush=True)  # the elapsed time says where a run cut off by a time limit stood
         return r, dict(counting.FLOPS), dict(counting.CALLS)
 
     def timed(i, s, g, label):  # a fast step's rows, printed and saved as soon as measured
@@ -167,6 +168,7 @@ def bench_train(args):
     restore(ctx, state)
     step(1, s0, g0, fast, compiled, label="fast (compiles: warm-up)")
     errors.append(compare_halves(ctx, cfg, state, s0, g0, fast, compiled, "fast"))
+    print(f"halves compared; {time.perf_counter() - t_start:.0f}s since start", flush=True)
     if args.flops:
         restore(ctx, state)
         _, flops, calls = step(1, s0, g0, fast, False, count=True, label="fast, eager twin, counted")
