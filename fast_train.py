@@ -14,10 +14,10 @@ fast_decode           the compiled decoder (fast.speed_up) for the group's forks
                       what holds the memory: bench/README.md)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
-compile_rewards       each Qwen2-VL reward model's language model compiled (torch.compile fuses the RMSNorms, RoPE and
-                      SwiGLU around the matmuls). Its layers compiled one by one at fixed shapes took HPSv3's scoring
-                      of a micro-batch (144 frames) from 3.92 to 3.42 s, the language model from 2.82 to 2.29 s, ~82%
-                      of 805 TFLOP/s (H100, 2026-12-06); this whole-model, dynamic-shape form is not yet measured
+compile_rewards       each Qwen2-VL reward model's language model compiled whole, its shapes dynamic (torch.compile
+                      fuses the RMSNorms, RoPE and SwiGLU around the matmuls). In the step HPSv3's scoring of a
+                      micro-batch (144 frames) took 3.74 s against 3.95 without it, 1-1.7 s of a G = 24 step, for
+                      minutes of compiling per process (H100, 2026-12-06): off in the presets
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
 import torch
