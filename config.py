@@ -87,16 +87,17 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
 # The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
-# these three a G = 24 step took 178.6 s (peak 44.5 GB), the eager step 209.6 s (2026-11-22). Alone at G = 3
-# merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the
-# G = 24 row was measured, until the lever table's all-but rows say whether it adds to the other two). fast_decode
-# stays off: it took train.py's G = 24 decode from 26.9 to 11.1 s, but the step's peak to 55.3 GB, over the 50 GB
-# aim; compile_rewards too (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
-# minutes of compiling per process); compile_train (not measured). longlive's s = 228 step: ~188 s. Not in the krea
-# preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# merged_rollouts, train_attention and checkpoint_attention a G = 24 step took 178.6 s (peak 44.5 GB), the eager
+# step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s,
+# train_attention nothing measurable (kept as the G = 24 row was measured with it; the all-but rows are not
+# measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.4 s at a step peak of 41.1 GB (38.9 GB
+# at G = 3, longlive 37.9 GB), once its state stopped holding the compiled convs' buffers (vae.own_storage).
+# compile_rewards stays off (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
+# minutes of compiling per process); compile_train (not measured). Not in the krea preset: theta_old's merged copy
+# of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
-_FAST_STEP = dict(merged_rollouts=True, train_attention=True, checkpoint_attention=True)
+_FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, checkpoint_attention=True)
 PRESETS = {
     "tiny": {},
     "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",

@@ -68,6 +68,8 @@ class Decoder:
             n = 1 if self.frames == 0 else min(self.chunk - self.frames % self.chunk, x.shape[2] - i)
             part = x[:, :, i:i + n].contiguous(memory_format=layout)  # one stride pattern per shape: compiled once
             y = run(part, feat_cache=self.state, feat_idx=[0], first_chunk=self.frames == 0)
+            if vae in FAST:
+                self.state[:] = [own_storage(s) for s in self.state]
             out += [y] if keep else []
             i, self.frames = i + n, self.frames + n
         if not keep:
@@ -77,16 +79,31 @@ class Decoder:
 
     def fork(self, batch):
         """A new stream for `batch` candidates that continues from this (batch-1) state. Eager: no copy (an expand).
-        Compiled (fast.speed_up): copied into the layout the decoder's own batch state has (dense channels_last_3d), as
+        Fast (fast.speed_up): copied into the layout the decoder's own state has after a chunk (own_storage), as
         dynamo guards on strides: an expand (stride 0) would compile every stage once more for a fork's first chunk.
         The copy adds little to the peak: the first chunk replaces each entry with a batch state of that size anyway."""
         if any(torch.is_tensor(s) and s.shape[0] != 1 for s in self.state):
             raise ValueError("only a batch-1 decoder state can be shared")
-        dense = lambda s: s.contiguous(memory_format=torch.channels_last_3d) if s.ndim == 5 else s.contiguous()  # noqa
         state = [s.expand(batch, *s.shape[1:]) if torch.is_tensor(s) else s for s in self.state]
         if self.vae in FAST:
-            state = [dense(s) if torch.is_tensor(s) else s for s in state]
+            state = [own_storage(s) for s in state]
         return Decoder(self.vae, self.chunk, state, self.frames)
+
+
+def own_storage(s):
+    """A decoder state entry (the last frames of a causal conv's input) dense in the fast path's layout, in storage of
+    its own. The compiled decoder hands each entry back as a view into that conv's whole input: inductor drops the
+    clone that diffusers takes of the last frames, so every state entry kept the conv's full chunk buffer alive
+    between chunks and across a group's decode (1.07 GB for a full-resolution conv). The decoder's working memory
+    for one candidate: 27.0 GB compiled without these copies, 17.3 GB with them, 8.4 GB eager (H100, 2026-12-06:
+    bench/README.md), in the same time (0.43-0.45 s a candidate against 0.42-0.44 s). Dense in one layout, too, as
+    dynamo guards on strides. Other entries ("Rep", None, owned dense tensors) pass unchanged."""
+    if not torch.is_tensor(s):
+        return s
+    layout = torch.channels_last_3d if s.ndim == 5 else torch.contiguous_format
+    if s.is_contiguous(memory_format=layout) and s.untyped_storage().nbytes() == s.numel() * s.element_size():
+        return s
+    return torch.empty_like(s, memory_format=layout).copy_(s)
 
 
 def decode(vae, latents, chunk=3):
@@ -94,12 +111,17 @@ def decode(vae, latents, chunk=3):
     return Decoder(vae, chunk)(latents)
 
 
-def history_decoder(vae, history, warmup=RECEPTIVE_FIELD, chunk=3):
+def history_decoder(vae, history, warmup=None, chunk=3):
     """The decoder state after a group's history latents [1, C, s, h, w], to fork for its candidates.
 
     Only the last `warmup` history frames are decoded: the state reaches no further back (RECEPTIVE_FIELD),
-    so the default is exact at a bounded cost however long the history. With s = 0 this is a fresh stream,
-    and the clip decodes to 1 + 4 (F - 1) frames."""
+    so the default is exact at a bounded cost however long the history. The default is the receptive field in
+    whole chunks (39 frames): a history of whole blocks (the clip start s is a multiple of 3) then leaves the
+    candidates' stream on the chunk grid, and their clips decode in whole chunks, the compiled decoder's graphs
+    of every step; 38 left each longlive clip a 1-frame and a 2-frame chunk, new layouts that compiled in its first
+    step (decode 77.4 s there, H100, 2026-12-06). With s = 0 this is a fresh stream, and the clip decodes to
+    1 + 4 (F - 1) frames."""
+    warmup = -(-RECEPTIVE_FIELD // chunk) * chunk if warmup is None else warmup
     if warmup < 1:
         raise ValueError(f"warmup={warmup}: at least one history frame must be decoded")
     dec = Decoder(vae, chunk)

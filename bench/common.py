@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from config import BOOLS, flag_help
+from config import BOOLS, PRESETS, STEP_LEVERS, flag_help
 
 DEV = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
@@ -23,7 +23,8 @@ class Args:
     part: str = "all"           # generate: all, breakdown (in-process rows), e2e (without profiles and evaluate's
     #                             rows), user (sample.py itself)
     rows: str = None            # train: the runs, "s:G,s:G" (default: the preset's)
-    levers: str = "merged_rollouts,train_attention,checkpoint_attention"  # train: the fast step's levers (the presets')
+    levers: str = ",".join(k for k in STEP_LEVERS if PRESETS["self_forcing"].get(k))  # train: the fast step's levers
+    #                             (default: the presets')
     flops: bool = True          # train: count the FLOPs per phase
     check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
     each_lever: bool = False    # train: then the first run's step with every lever off, each lever alone and, with

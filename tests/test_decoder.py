@@ -55,6 +55,8 @@ def test_clip_pixels_are_the_window_of_the_whole_video(wan):
     clip = V.history_decoder(wan.vae, z[:, :, :s]).fork(1)(z[:, :, s:])
     assert clip.shape[1] == 4 * F
     torch.testing.assert_close(clip, window, atol=1e-5, rtol=0)
+    for start in (0, 3, 21, 36, 39, 42):  # any block-multiple start: the warm-up ends on the chunk grid, bounded
+        assert V.history_decoder(wan.vae, z[:, :, :start]).frames == min(start, 39)
     short = V.history_decoder(wan.vae, z[:, :, :s], warmup=3).fork(1)(z[:, :, s:])
     assert (short - window).abs().max() > 1e-2  # the state really reaches back: the test above can fail
     first = V.history_decoder(wan.vae, z[:, :, :0]).fork(1)(z[:, :, :F])
@@ -81,3 +83,17 @@ def test_progressive_decode_during_generation_equals_decoding_after(wan):
     full = generate(m, text_kv(wan), noise, new_cache(m, 1, shape, 3, 9, N), 0, N)
     assert torch.equal(latents, full)  # the skipped last context pass changes nothing generated
     torch.testing.assert_close(torch.cat(frames, 1), diffusers_decode(wan.vae, full), atol=1e-5, rtol=0)
+
+
+def test_compiled_decoder_state_owns_its_storage(wan):
+    """The compiled decoder (inductor, as on the GPU; C++ on the CPU) returns each conv's cached last frames as a
+    view into the conv's whole input buffer; Decoder keeps a copy of its own instead, so the state holds only its
+    frames (at 480x832 the views held ~18 GB between chunks). The pixels stay those of diffusers' decode."""
+    torch.manual_seed(16)
+    z = torch.randn(1, 16, 3, 16, 16)  # chunk layouts: the first frame alone, then two (two compilations)
+    quick = fast.speed_up(copy.deepcopy(wan.vae), compile=True)
+    dec = V.Decoder(quick)
+    out = dec(z)
+    sizes = [(s.untyped_storage().nbytes(), s.numel() * s.element_size()) for s in dec.state if torch.is_tensor(s)]
+    assert len(sizes) > 10 and all(held == own for held, own in sizes), sizes
+    torch.testing.assert_close(out, diffusers_decode(wan.vae, z), atol=1e-4, rtol=0)
