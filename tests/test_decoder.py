@@ -88,7 +88,8 @@ def test_progressive_decode_during_generation_equals_decoding_after(wan):
 def test_compiled_decoder_state_owns_its_storage(wan):
     """The compiled decoder (inductor, as on the GPU; C++ on the CPU) returns each conv's cached last frames as a
     view into the conv's whole input buffer; Decoder keeps a copy of its own instead, so the state holds only its
-    frames (at 480x832 the views held ~18 GB between chunks). The pixels stay those of diffusers' decode."""
+    frames (at 480x832 the views held ~10 GB more in one candidate's decode). The pixels stay those of diffusers'
+    decode."""
     torch.manual_seed(16)
     z = torch.randn(1, 16, 3, 16, 16)  # chunk layouts: the first frame alone, then two (two compilations)
     quick = fast.speed_up(copy.deepcopy(wan.vae), compile=True)
