@@ -33,20 +33,12 @@ class Policy:
     NAMES = ("default", "old", "ref")
 
     def __init__(self, cfg, wan, world):
-        from peft import LoraConfig
         self.model, self.lora = wan.model, cfg.lora_rank > 0
         self.active, self.lora_named = None, {}  # the active adapter (LoRA), each adapter's (key, tensor) list
         tr = self.model.transformer
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if self.lora:
-            tr.requires_grad_(False)
-            targets = sorted(n for n, mod in tr.named_modules()
-                             if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
-            self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # three adapters by design
-                for name in self.NAMES:
-                    tr.add_adapter(self.lora_config, adapter_name=name)
+            self.lora_config = add_adapters(tr, cfg.lora_rank, cfg.lora_alpha, self.NAMES)
             self.nets = dict.fromkeys(self.NAMES, self.model)
         else:
             import copy
@@ -137,6 +129,29 @@ class Policy:
                 for p in self.params(n):
                     p.requires_grad_(n == "default")
         return self.nets[name]
+
+
+def add_adapters(tr, rank, alpha, names):
+    """peft LoRA adapters `names` (r = rank, alpha) on every Linear of the transformer blocks of `tr`, its base frozen;
+    returns their LoraConfig. The adapters are fp32 over a bf16 base (a GPU's): AdamW's steps at lr 1e-5 and theta_old's
+    EMA moves are below bf16's spacing at an adapter's scale (a LoRA A entry ~1/sqrt(1536) = 0.026: spacing 1.2e-4), so
+    bf16 adapters would keep few of either. train.py's bf16 autocast still runs their matmuls in bf16, so peft's fp32
+    copy of each input (cast_input_dtype), which autocast would only cast back, is switched off."""
+    from peft import LoraConfig
+    tr.requires_grad_(False)
+    targets = sorted(n for n, mod in tr.named_modules() if n.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # several adapters by design
+        for name in names:
+            tr.add_adapter(config, adapter_name=name)
+    for k, p in tr.named_parameters():
+        if ".lora_" in k:
+            p.data = p.data.float()
+    for mod in tr.modules():
+        if hasattr(mod, "cast_input_dtype_enabled"):
+            mod.cast_input_dtype_enabled = False
+    return config
 
 
 def plain_copy(tr):

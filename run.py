@@ -72,6 +72,9 @@ def build(cfg, wan=None, reward_fn=None, claim=False):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
         torch.device("cpu")  # CPU threads: OMP_NUM_THREADS (torchrun sets 1 per process)
+    if device.type == "cuda" and cfg.lora_rank == 0 and world == 1:  # FSDP2 (policy.shard) holds fp32 masters
+        raise SystemExit("error: --lora_rank=0 (full fine-tuning) on one GPU would train bf16 weights, in which "
+                         "AdamW's steps at --lr=1e-5 vanish; run it under torchrun on 2+ GPUs, or use LoRA")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

@@ -220,7 +220,7 @@ def eval_rows(wan, frames, seeds=4):
     """evaluate.py and train.py's evaluation (evaluation.score_samples, 4 seeds of one prompt in one batch) through
     fast.compiled against the eager path: the plain generator, then with three peft LoRA adapters as training has
     them (theta active, random nonzero weights). Agreement: max abs difference of the pixels in [0, 1]."""
-    from peft import LoraConfig
+    from policy import add_adapters
 
     import fast
     from evaluation import score_samples
@@ -235,11 +235,8 @@ def eval_rows(wan, frames, seeds=4):
                           on_frames=lambda i, s, v: videos.append(v))
         return videos[0]
     for adapters in (False, True):
-        if adapters:  # as policy.Policy: r = alpha = 256 on every Linear of the blocks, three adapters, theta active
-            targets = sorted(k for k, mod in m.transformer.named_modules()
-                             if k.startswith("blocks.") and isinstance(mod, torch.nn.Linear))
-            for name in ("default", "old", "ref"):
-                m.transformer.add_adapter(LoraConfig(r=256, lora_alpha=256, target_modules=targets), adapter_name=name)
+        if adapters:  # as policy.Policy: r = alpha = 256 on every Linear of the blocks, three fp32 adapters, theta active
+            add_adapters(m.transformer, 256, 256, ("default", "old", "ref"))
             for k, p in m.transformer.named_parameters():
                 if "lora_B" in k:
                     p.data.normal_(0, 1e-3)

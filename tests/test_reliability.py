@@ -211,6 +211,13 @@ def test_train_rejects_bad_config_before_rollout(monkeypatch, args, msg):
     assert "\n" not in str(err.value)  # one line
 
 
+def test_full_fine_tuning_on_one_gpu_is_refused_before_any_model(tmp_path, monkeypatch, no_compute):
+    """Without FSDP2's fp32 masters one GPU would train bf16 weights (README, 14B and sharded full fine-tuning)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("the device was set up before the error"))
+    one_line_error(lambda: train.main(["--lora_rank=0", f"--out_dir={tmp_path}"]), r"--lora_rank=0 .* on one GPU")
+
+
 def test_train_rejects_empty_prompts_and_other_model_size(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

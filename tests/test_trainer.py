@@ -8,9 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import logs
+import loss
 import policy as policy_mod
 import train
 from helpers import N
@@ -37,6 +39,55 @@ def test_gradient_checkpointing_gives_the_same_gradients(wan):
     w.model.gradient_checkpointing = False
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class Outputs(TorchDispatchMode):
+    """The dtypes and shapes of every tensor the ops under it make."""
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(o.dtype, tuple(o.shape)) for o in (out if isinstance(out, (tuple, list)) else [out])
+                      if isinstance(o, torch.Tensor)]
+        return out
+
+
+def test_adapters_are_fp32_over_a_bf16_base(wan):
+    """On a bf16 base (a GPU's) the adapters are fp32: one AdamW step at lr 1e-5 moves every entry of theta's
+    LoRA A, which in bf16 rounds back to where it was (the control), and theta_old's EMA follows; under bf16 autocast
+    an adapted Linear equals W + (alpha / r) B A in fp32 to bf16 rounding, making no fp32 copy of its input."""
+    w = copy.deepcopy(wan)
+    w.model.transformer.to(torch.bfloat16)
+    policy = policy_mod.Policy(config.parse_config(["--lora_rank=4", "--lora_alpha=8"]), w, 1)
+    dtypes = {k: p.dtype for k, p in w.model.transformer.named_parameters()}
+    assert {d for k, d in dtypes.items() if ".lora_" in k} == {torch.float32}
+    assert {d for k, d in dtypes.items() if ".lora_" not in k} == {torch.bfloat16}
+    theta = policy.params("default")
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(p.shape, generator=g) for p in theta]
+    moved = {}
+    for name, params in (("fp32", theta), ("bf16", [p.detach().bfloat16().requires_grad_() for p in theta])):
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+        for p, gr in zip(params, grads):
+            p.grad = gr.to(p.dtype)
+        opt.step()
+        moved[name] = float(torch.cat([(p != b).flatten() for (k, _), p, b in zip(policy.named("default"), params, before)
+                                       if "lora_A" in k]).float().mean())
+    assert moved["fp32"] == 1.0 and moved["bf16"] < 0.05, moved
+    old_before = [p.detach().clone() for p in policy.params("old")]
+    loss.ema_(policy.params("old"), theta, 0.9)
+    assert all(bool((p != b).all()) for (k, p), b in zip(policy.named("old"), old_before) if "lora_A" in k)
+    layer = w.model.transformer.get_submodule("blocks.0.attn1.to_q")
+    x = torch.randn(2, 7, layer.in_features, generator=g).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), Outputs() as seen:
+        y = layer(x)
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    want = x.float() @ (layer.base_layer.weight.float() + 2.0 * B @ A).T + layer.base_layer.bias.float()
+    assert y.dtype == torch.bfloat16 and float((y.float() - want).norm() / want.norm()) < 1e-2
+    assert (torch.float32, tuple(x.shape)) not in seen.made, "an fp32 copy of the input"
 
 
 def test_phases_split_the_step_and_take_transfers_out(monkeypatch):
