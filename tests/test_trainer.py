@@ -90,6 +90,25 @@ def test_adapters_are_fp32_over_a_bf16_base(wan):
     assert (torch.float32, tuple(x.shape)) not in seen.made, "an fp32 copy of the input"
 
 
+@pytest.mark.parametrize("levers", [[], ["--merged_rollouts=true", "--checkpoint_attention=true"]])
+def test_a_step_on_a_bf16_base_under_autocast_moves_every_entry_of_theta(wan, tmp_path, monkeypatch, levers):
+    """The GPU's dtypes on the CPU: a bf16 base, fp32 adapters, train.py's phases under bf16 autocast (the rollouts,
+    the merged copy, the checkpointed recompute): the step runs, and its AdamW step at lr 1e-5 moves every entry of
+    theta (bf16 adapters of the tiny model's scale would keep none of A's moves)."""
+    w = copy.deepcopy(wan)
+    w.model.transformer.to(torch.bfloat16)
+    monkeypatch.setattr(train, "autocast", lambda dev: torch.autocast("cpu", torch.bfloat16))
+    cfg = config.parse_config(["--prompts_per_rank=1", "--group_size=2", "--micro_batch=2", "--clip_frames=3",
+                               "--max_history_frames=3", "--eval_every=0", "--save_every=100",
+                               f"--out_dir={tmp_path}", "--gradient_checkpointing=true", *levers])
+    ctx = train.build(cfg, wan=w)
+    before = [p.detach().clone() for p in ctx.policy.params("default")]
+    r = train.train_step(1, cfg, ctx)
+    assert np.isfinite(r["policy_loss"]) and r["grad_norm"] > 0
+    for (k, p), b in zip(ctx.policy.named("default"), before):
+        assert p.dtype == torch.float32 and bool((p != b).all()), k
+
+
 def test_phases_split_the_step_and_take_transfers_out(monkeypatch):
     """logs.Phases against a hand table: a fake clock, 0.5 s of parked-model copies during the first phase, a
     phase entered twice, and the gap between phases left out."""
