@@ -58,9 +58,10 @@ def prime_optimizer(ctx):
 def snapshot(ctx):
     """The state a step changes, on the host (a GPU copy of AdamW's moments would count in every step's peak)."""
     opt = ctx.opt.state_dict()
-    opt["state"] = {i: {k: v.cpu().clone() for k, v in st.items()} for i, st in opt["state"].items()}
+    opt = dict(copy.deepcopy({**opt, "state": {}}),  # the moments copied once, to the host
+               state={i: {k: v.cpu().clone() for k, v in st.items()} for i, st in opt["state"].items()})
     return dict(params={n: [p.detach().cpu().clone() for p in ctx.policy.params(n)] for n in Policy.NAMES},
-                opt=copy.deepcopy(opt), ctrl=copy.deepcopy(ctx.ctrl.state_dict()),
+                opt=opt, ctrl=copy.deepcopy(ctx.ctrl.state_dict()),
                 rng=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if DEV.type == "cuda" else None)
 
 

@@ -79,7 +79,10 @@ def test_adapters_are_fp32_over_a_bf16_base(wan):
     assert moved["fp32"] == 1.0 and moved["bf16"] < 0.05, moved
     old_before = [p.detach().clone() for p in policy.params("old")]
     loss.ema_(policy.params("old"), theta, 0.9)
-    assert all(bool((p != b).all()) for (k, p), b in zip(policy.named("old"), old_before) if "lora_A" in k)
+    for (k, p), b, t in zip(policy.named("old"), old_before, theta):  # Algorithm 1's EMA, in float64
+        want = (0.9 * b.double() + 0.1 * t.detach().double()).float()
+        torch.testing.assert_close(p, want, atol=0, rtol=1.2e-7)
+        assert "lora_B" in k or bool((p != b).all()), k  # every A entry moved (a bf16 theta_old would keep none)
     layer = w.model.transformer.get_submodule("blocks.0.attn1.to_q")
     x = torch.randn(2, 7, layer.in_features, generator=g).bfloat16()
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), Outputs() as seen:
