@@ -2,6 +2,7 @@
 tables go, and the timing and printing helpers."""
 import dataclasses
 import os
+import re
 import statistics
 import time
 
@@ -26,6 +27,7 @@ class Args:
     levers: str = ",".join(k for k in STEP_LEVERS if PRESETS["self_forcing"].get(k))  # train: the fast step's levers
     #                             (default: the presets')
     flops: bool = True          # train: count the FLOPs per phase
+    profile: bool = False       # train: then the first run's fast step warm under the profiler, phase by phase
     check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
     each_lever: bool = False    # train: then the first run's step with every lever off, each lever alone and, with
     #                             3 or more levers, all and all but each (warm, from the same state): the lever table
@@ -85,3 +87,27 @@ def show(rows):
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
     for r in rows:
         print("  ".join(fmt(r.get(k, "")).ljust(w) for k, w in zip(keys, widths)))
+
+
+KERNELS = [  # a kernel's category from its name, first match; inductor's fused kernels carry their ops' names
+    ("norm/elementwise", r"^triton_(poi|red|per)"),  # (a fused "..._scaled_dot_product_..." is not attention)
+    ("attention backward", r"(fmha|flash|sdpa|attention).*(bwd|bprop|backward)|cutlassB"),
+    ("attention", r"fmha|flash|sdpa|attention"), ("conv", r"fprop|dgrad|wgrad|conv|implicit"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|mma"), ("copy/layout", r"copy|cat|pad|transpose|permute|memcpy|memset|fill"),
+    ("norm/elementwise", r".")]
+
+
+def kernel_table(prof, top=12):
+    """Per-kernel GPU time of a profile: (rows, GPU-busy ms, {category: share}) with each kernel's category."""
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"
+              and not e.key.startswith("## ")]  # "## Call CompiledFxGraph ...": annotations, not kernels
+    total = sum(e.self_device_time_total for e in events)
+    out = []
+    for e in sorted(events, key=lambda e: -e.self_device_time_total):
+        cat = next(c for c, pat in KERNELS if re.search(pat, e.key, re.I))
+        out.append(dict(kernel=e.key[:70], category=cat, calls=e.count, ms=e.self_device_time_total / 1e3,
+                        share=e.self_device_time_total / total))
+    by_cat = {}
+    for r in out:
+        by_cat[r["category"]] = by_cat.get(r["category"], 0) + r["share"]
+    return out[:top], total / 1e3, by_cat

@@ -27,7 +27,7 @@ class FlopCount(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.total = 0
+        self.total, self.by_kind = 0, {}
 
     def __enter__(self):
         fc.sdpa_flop_count = _gqa_sdpa_flop_count
@@ -41,8 +41,18 @@ class FlopCount(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         formula = fc.flop_registry.get(func._overloadpacket)
         if formula is not None:
-            self.total += formula(*args, **(kwargs or {}), out_val=out)
+            n = formula(*args, **(kwargs or {}), out_val=out)
+            self.total += n
+            self.by_kind[kind(func)] = self.by_kind.get(kind(func), 0) + n
         return out
+
+
+def kind(func):
+    """The kernel family an op's FLOPs run in, named as bench.common.KERNELS names a profile's categories."""
+    name = func._overloadpacket.__name__
+    if "attention" in name:
+        return "attention backward" if "backward" in name else "attention"
+    return "conv" if "conv" in name else "matmul"
 
 
 COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
@@ -71,10 +81,13 @@ def counted(name, fn):
 def instrument(ctx):
     """Phase FLOPs at logs.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
     (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
-    def lap_hook(name):
+    def lap_hook(name):  # FLOPS[phase], and FLOPS["kind/phase/kernel family"] for the profile's table
         if COUNTER is not None:
             FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
             FLOPS["_seen"] = COUNTER.total
+            for k, n in COUNTER.by_kind.items():
+                FLOPS[f"kind/{name}/{k}"] = FLOPS.get(f"kind/{name}/{k}", 0) + n - FLOPS.get(f"_seen/{k}", 0)
+                FLOPS[f"_seen/{k}"] = n
     ctx.lap_hook = lap_hook
     warm = vae.history_decoder
     vae.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]

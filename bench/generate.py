@@ -11,7 +11,7 @@ import torch
 
 import model
 import vae
-from bench.common import DEV, OUT_DIR, PROMPT, rel_err, show, sync, timed
+from bench.common import DEV, OUT_DIR, PROMPT, kernel_table, rel_err, show, sync, timed
 from bench.models import WAN_1_3B, real_wan
 from bench.user import user_rows
 from fast import compile_blocks, speed_up
@@ -36,25 +36,6 @@ PEERS = [  # published end-to-end figures, 81 frames at 480x832 on one H100, the
     dict(variant="LongLive (published, H100)", fps_end_to_end=20.7),
     dict(variant="Reward Forcing (published, H100)", fps_end_to_end=23.1),
 ]
-
-
-def kernel_table(prof, top=12):
-    """Per-kernel GPU time of a profile: (rows, GPU-busy ms) with each kernel's category and share."""
-    cats = [("attention", "fmha|flash|sdpa|attention"), ("conv", "fprop|conv|implicit"),
-            ("matmul", "gemm|nvjet|cutlass|xmma|mma"), ("copy/layout", "copy|cat|pad|transpose|permute|memcpy|memset|fill"),
-            ("norm/elementwise", ".")]
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"
-              and not e.key.startswith("## ")]  # "## Call CompiledFxGraph ...": annotations, not kernels
-    total = sum(e.self_device_time_total for e in events)
-    out = []
-    for e in sorted(events, key=lambda e: -e.self_device_time_total):
-        cat = next(c for c, pat in cats if __import__("re").search(pat, e.key, __import__("re").I))
-        out.append(dict(kernel=e.key[:70], category=cat, calls=e.count, ms=e.self_device_time_total / 1e3,
-                        share=e.self_device_time_total / total))
-    by_cat = {}
-    for r in out:
-        by_cat[r["category"]] = by_cat.get(r["category"], 0) + r["share"]
-    return out[:top], total / 1e3, by_cat
 
 
 def profile(fn, shapes=False):

@@ -9,6 +9,8 @@ between; LoRA adapters random and nonzero, theta_old != theta):
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
   4. counted  the fast step's math without compiling (the compiled code does the same FLOPs; dynamo does not run
               compiled code under a dispatch mode), under FlopCount: FLOPs per phase
+     profile  with --profile: the fast step warm under the profiler, restarted at each phase boundary: each phase's
+              GPU time by kernel family against the FLOPs 4 counted in it (TFLOP/s and fraction of the ceiling)
      levers   with --each-lever: the step warm with every lever off, each lever alone, all, all but each (lever_table)
   5. fast     the first run again, warm, last: the timed row at g
 Each later run: the fast step, timed, its FLOPs scaled from 4 (phase by phase, the rule printed).
@@ -25,7 +27,7 @@ import fast_train
 import offload
 import train
 import bench.flops as counting
-from bench.common import DEV, OUT_DIR, PROMPT, show
+from bench.common import DEV, OUT_DIR, PROMPT, kernel_table, show
 from bench.models import paper_config, real_rewards, real_wan
 from config import STEP_LEVERS
 from logs import Phases
@@ -129,6 +131,8 @@ def bench_train(args):
     unknown = set(fast) - set(STEP_LEVERS)
     if unknown or {"compile_train", "checkpoint_attention"} <= set(fast):
         raise SystemExit(f"--levers: choose from {STEP_LEVERS} (compile_train excludes checkpoint_attention), got {fast}")
+    if args.profile and DEV.type != "cuda":
+        raise SystemExit("--profile times GPU kernels: it needs a CUDA device")
     cfg = levers(paper_config(args.preset, args.tiny), ())
     wan, (reward_fn, counts) = real_wan(args.tiny), real_rewards(args.tiny, counting.counted)
     # reference outputs while everything is resident, compared after train.build parks umT5 and the rewards
@@ -188,6 +192,15 @@ def bench_train(args):
         restore(ctx, state)
         _, flops, calls = step(1, s0, g0, fast, False, count=True, label="fast, eager twin, counted")
         counted_at = (s0, g0, flops, calls)
+    if args.profile:
+        restore(ctx, state)
+        with phase_profiles(ctx) as profiles:
+            r, _, _ = step(1, s0, g0, fast, compiled, label="fast, warm, profiled")
+        table = profile_rows(r, profiles, counted_at)
+        print("\nwhere each phase's time goes (the profiled step; FLOPs: the counted step's, by kernel family):")
+        show(table)
+        with open(os.path.join(OUT_DIR, f"train_{args.preset}_profile.json"), "w") as f:
+            json.dump(dict(rows=table, kernels={k: v[0] for k, v in profiles.items()}), f, indent=1)
     if args.each_lever:
         rows += lever_table(args.preset, step, ctx, state, s0, g0, fast, compiled)
     restore(ctx, state)
@@ -215,6 +228,45 @@ def bench_train(args):
     if checks:
         print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
         show(checks)
+    return rows
+
+
+@contextlib.contextmanager
+def phase_profiles(ctx):
+    """{phase: kernel_table} of the step run inside: a CUDA profiler stopped and started again at each phase's end
+    (logs.Phases' hook, after its synchronisation), so each table holds one phase's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    hook, out, prof = ctx.lap_hook, {}, [None]
+
+    def start():
+        prof[0] = profile(activities=[ProfilerActivity.CUDA])
+        prof[0].start()
+
+    def lap(name):
+        hook and hook(name)
+        prof[0].stop()
+        out[name] = kernel_table(prof[0], top=20)
+        start()
+    ctx.lap_hook = lap
+    start()
+    try:
+        yield out
+    finally:
+        prof[0].stop()
+        ctx.lap_hook = hook
+
+
+def profile_rows(r, profiles, counted_at):
+    """Rows per phase and kernel family: GPU seconds, share of the phase's wall time, counted TFLOP, TFLOP/s, ceiling."""
+    flops, rows = counted_at[2] if counted_at else {}, []
+    for ph, (_, busy_ms, by_cat) in profiles.items():
+        wall = r.get(f"time/{ph}", 0)
+        for cat, share in [("all kernels", 1.0)] + sorted(by_cat.items(), key=lambda kv: -kv[1]):
+            secs = busy_ms * share / 1e3
+            fl = flops.get(ph, 0) if cat == "all kernels" else flops.get(f"kind/{ph}/{cat}", 0)
+            rows.append(dict(phase=ph, kernels=cat, gpu_s=secs, of_wall=secs / wall if wall else "",
+                             tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl and secs else "",
+                             ceiling=fl / secs / counting.CEILING if fl and secs else ""))
     return rows
 
 

@@ -277,6 +277,44 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     assert len(rows) == 1 and rows[0]["tflop"] > 0
 
 
+def test_bench_splits_flops_and_kernels_by_family_as_a_hand_table():
+    """bench train --profile divides each phase's counted FLOPs by its GPU time per kernel family: FlopCount's split
+    against a hand count (a linear forward and backward, a convolution), and kernel names as profiles show them
+    (cuDNN, flash, cutlass, cuBLAS, inductor's fused kernels, which carry the names of the ops they feed) sorted into
+    the families the FLOPs are counted in."""
+    import re
+    from bench.common import KERNELS
+    from bench.flops import FlopCount, kind
+    lin, conv = nn.Linear(16, 8), nn.Conv3d(4, 8, 3)
+    x, v = torch.randn(3, 5, 16, requires_grad=True), torch.randn(1, 4, 3, 6, 6)
+    with FlopCount() as c:
+        lin(x).square().sum().backward()
+        with torch.no_grad():
+            conv(v)
+    linear = 2 * 15 * 16 * 8  # one (15 x 16) @ (16 x 8): the forward, then the input's and the weight's gradients
+    assert c.by_kind == {"matmul": 3 * linear, "conv": 2 * (8 * 4 * 4) * 4 * 27} and c.total == sum(c.by_kind.values())
+    ops = torch.ops.aten
+    assert [kind(o.default) for o in (ops._scaled_dot_product_cudnn_attention,
+                                      ops._scaled_dot_product_cudnn_attention_backward, ops._flash_attention_backward,
+                                      ops.convolution_backward, ops.bmm)] == \
+        ["attention", "attention backward", "attention backward", "conv", "matmul"]
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0": "attention",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0":
+            "attention backward",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>": "attention backward",
+        "fmha_cutlassF_bf16_aligned_64x128_rf_sm80": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv",
+        "nvjet_tst_192x192_64x4_1x2_h_bz_coopA_NTT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "matmul",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention_add_mul_0": "norm/elementwise",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1": "norm/elementwise",
+        "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<direct_copy_kernel_cuda>>":
+            "copy/layout",
+    }
+    assert {n: next(c for c, pat in KERNELS if re.search(pat, n, re.I)) for n in names} == names
+
+
 def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_the_eager_path():
     """train.py --preset=self_forcing runs the levers the bench measured together (bench/README.md); the tiny default, the CPU
     tests' reference, runs none; krea (14B, unmeasured) none."""
