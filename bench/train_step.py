@@ -199,6 +199,7 @@ def bench_train(args):
         table = profile_rows(r, profiles, counted_at)
         print("\nwhere each phase's time goes (the profiled step; FLOPs: the counted step's, by kernel family):")
         show(table)
+        os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, f"train_{args.preset}_profile.json"), "w") as f:
             json.dump(dict(rows=table, kernels={k: v[0] for k, v in profiles.items()}), f, indent=1)
     if args.each_lever:
