@@ -58,14 +58,23 @@ def kind(func):
 COUNTER, FLOPS, CALLS = None, {}, {}  # the running step's counter, FLOPs by phase and part, reference forwards
 
 
+def _add(name, since):
+    """FLOPS[name] and FLOPS["kind/<name>/<kernel family>"] += what the counter ran after `since` (its (total, by_kind)
+    then, kept under FLOPS["_..."] so that clearing FLOPS clears it too)."""
+    total, kinds = since
+    FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - total
+    for k, n in COUNTER.by_kind.items():
+        FLOPS[f"kind/{name}/{k}"] = FLOPS.get(f"kind/{name}/{k}", 0) + n - kinds.get(k, 0)
+
+
 def _mark(name, begin):
-    """FLOPS[name] += the FLOPs between a begin mark and the next end mark (under the counter)."""
+    """FLOPS[name] (and by kernel family) += the FLOPs between a begin mark and the next end mark (under the counter)."""
     if COUNTER is None:
         return
     if begin:
-        FLOPS["_" + name] = COUNTER.total
+        FLOPS["_" + name] = (COUNTER.total, dict(COUNTER.by_kind))
     elif "_" + name in FLOPS:
-        FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.pop("_" + name)
+        _add(name, FLOPS.pop("_" + name))
 
 
 def counted(name, fn):
@@ -81,13 +90,10 @@ def counted(name, fn):
 def instrument(ctx):
     """Phase FLOPs at logs.Phases' boundaries; the decoder warm-up on the history (fixed in G) and theta_ref's forwards
     (only in micro-batches holding a masked sample) apart, so that FLOPs scale with G phase by phase."""
-    def lap_hook(name):  # FLOPS[phase], and FLOPS["kind/phase/kernel family"] for the profile's table
+    def lap_hook(name):  # FLOPS[phase] and by kernel family: what ran since the last phase ended
         if COUNTER is not None:
-            FLOPS[name] = FLOPS.get(name, 0) + COUNTER.total - FLOPS.get("_seen", 0)
-            FLOPS["_seen"] = COUNTER.total
-            for k, n in COUNTER.by_kind.items():
-                FLOPS[f"kind/{name}/{k}"] = FLOPS.get(f"kind/{name}/{k}", 0) + n - FLOPS.get(f"_seen/{k}", 0)
-                FLOPS[f"_seen/{k}"] = n
+            _add(name, FLOPS.get("_phase", (0, {})))
+            FLOPS["_phase"] = (COUNTER.total, dict(COUNTER.by_kind))
     ctx.lap_hook = lap_hook
     warm = vae.history_decoder
     vae.history_decoder = lambda *a, **k: (_mark("decode/warm-up", True), warm(*a, **k), _mark("decode/warm-up", False))[1]

@@ -195,8 +195,8 @@ def bench_train(args):
     if args.profile:
         restore(ctx, state)
         with phase_profiles(ctx) as profiles:
-            r, _, _ = step(1, s0, g0, fast, compiled, label="fast, warm, profiled")
-        table = profile_rows(r, profiles, counted_at)
+            r, _, refs = step(1, s0, g0, fast, compiled, label="fast, warm, profiled")
+        table = profile_rows(r, profiles, counted_at, refs.get("ref", 0))
         print("\nwhere each phase's time goes (the profiled step; FLOPs: the counted step's, by kernel family):")
         show(table)
         os.makedirs(OUT_DIR, exist_ok=True)
@@ -257,9 +257,15 @@ def phase_profiles(ctx):
         ctx.lap_hook = hook
 
 
-def profile_rows(r, profiles, counted_at):
-    """Rows per phase and kernel family: GPU seconds, share of the phase's wall time, counted TFLOP, TFLOP/s, ceiling."""
-    flops, rows = counted_at[2] if counted_at else {}, []
+def profile_rows(r, profiles, counted_at, refs):
+    """Rows per phase and kernel family: GPU seconds, share of the phase's wall time, counted TFLOP, TFLOP/s, ceiling.
+    The training phase's FLOPs count the profiled step's `refs` theta_ref forwards, not the counted step's (the mask
+    follows rewards that the compiled path rounds differently)."""
+    flops, rows = dict(counted_at[2]) if counted_at else {}, []
+    counted_refs = counted_at[3].get("ref", 0) if counted_at else 0
+    for k in [k for k in flops if k.startswith("kind/train/ref/")] + ["train/ref"]:
+        target = "train" if k == "train/ref" else k.replace("/ref/", "/")
+        flops[target] = flops.get(target, 0) - flops.get(k, 0) * (1 - refs / counted_refs if counted_refs else 1)
     for ph, (_, busy_ms, by_cat) in profiles.items():
         wall = r.get(f"time/{ph}", 0)
         for cat, share in [("all kernels", 1.0)] + sorted(by_cat.items(), key=lambda kv: -kv[1]):

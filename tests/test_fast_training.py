@@ -315,6 +315,21 @@ def test_bench_splits_flops_and_kernels_by_family_as_a_hand_table():
     assert {n: next(c for c, pat in KERNELS if re.search(pat, n, re.I)) for n in names} == names
 
 
+def test_bench_profile_rows_count_the_profiled_steps_reference_forwards():
+    """The training phase's FLOPs by kernel family follow the profiled step's theta_ref forwards, not the counted
+    step's: a hand table (counted with 2 reference forwards of 10 attention TFLOP each; profiled with 0 and with 1)."""
+    from bench.train_step import profile_rows
+    T = 1e12
+    flops = {"train": 100 * T, "train/ref": 30 * T, "kind/train/attention": 60 * T, "kind/train/ref/attention": 20 * T,
+             "kind/train/matmul": 40 * T, "kind/train/ref/matmul": 10 * T}
+    profiles = {"train": ([], 2000.0, {"attention": 0.5, "matmul": 0.25, "copy/layout": 0.25})}  # 2 s busy
+    for refs, want in ((0, [70, 40, 30, None]), (1, [85, 50, 35, None])):
+        rows = profile_rows({"time/train": 2.5}, profiles, (21, 3, flops, {"ref": 2}), refs)
+        assert [r["kernels"] for r in rows] == ["all kernels", "attention", "matmul", "copy/layout"]
+        assert [r["tflop"] or None for r in rows] == pytest.approx(want)
+        assert rows[1]["tflops"] == pytest.approx(want[1] / 1.0) and rows[0]["of_wall"] == pytest.approx(0.8)
+
+
 def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_the_eager_path():
     """train.py --preset=self_forcing runs the levers the bench measured together (bench/README.md); the tiny default, the CPU
     tests' reference, runs none; krea (14B, unmeasured) none."""
