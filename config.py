@@ -87,7 +87,7 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
 # The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
-# all four a G = 24 step took 161.8 s (peak 39.7 GB, bf16 adapters then), with the first three 178.6 s, the eager
+# all four a G = 24 step took 162.0 s (peak 45.4 GB, fp32 adapters), with the first three 178.6 s, the eager
 # step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s,
 # train_attention nothing measurable (kept as the G = 24 row was measured with it; the all-but rows are not
 # measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.4 s at a step peak of 41.1 GB (38.9 GB
