@@ -1,10 +1,13 @@
 """bench train's FLOP counting: each phase's FLOPs counted on the real code path with torch's formulas (FlopCount),
 marked at logs.Phases' boundaries, and the rule that scales a run counted at G = g0 to another G (checked by
-`python -m bench train --check-scaling`)."""
+`python -m bench train --check-scaling`); with --profile, each phase's GPU time by kernel family beside them."""
+import contextlib
+
 import torch.utils.flop_counter as fc
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vae
+from bench.common import kernel_table
 
 CEILING = 805e12  # bf16 dense matmul FLOP/s (bench/README.md)
 
@@ -140,3 +143,48 @@ def check_scaling(counted_at, s, g, flops):
         out.append(dict(run=f"s={s} G={g}", phase=ph, counted_tflop=got / 1e12, scaled_tflop=want.get(ph, 0) / 1e12,
                         rel_diff=abs(got - want.get(ph, 0)) / max(got, 1)))
     return out
+
+
+@contextlib.contextmanager
+def phase_profiles(ctx):
+    """{phase: kernel_table} of the step run inside: a CUDA profiler stopped and started again at each phase's end
+    (logs.Phases' hook, after its synchronisation), so each table holds one phase's kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    hook, out, prof = ctx.lap_hook, {}, [None]
+
+    def start():
+        prof[0] = profile(activities=[ProfilerActivity.CUDA])
+        prof[0].start()
+
+    def lap(name):
+        hook and hook(name)
+        prof[0].stop()
+        out[name] = kernel_table(prof[0], top=20)
+        start()
+    ctx.lap_hook = lap
+    start()
+    try:
+        yield out
+    finally:
+        prof[0].stop()
+        ctx.lap_hook = hook
+
+
+def profile_rows(r, profiles, counted_at, refs):
+    """Rows per phase and kernel family: GPU seconds, share of the phase's wall time, counted TFLOP, TFLOP/s, ceiling.
+    The training phase's FLOPs count the profiled step's `refs` theta_ref forwards, not the counted step's (the mask
+    follows rewards that the compiled path rounds differently)."""
+    flops, rows = dict(counted_at[2]) if counted_at else {}, []
+    counted_refs = counted_at[3].get("ref", 0) if counted_at else 0
+    for k in [k for k in flops if k.startswith("kind/train/ref/")] + ["train/ref"]:
+        target = "train" if k == "train/ref" else k.replace("/ref/", "/")
+        flops[target] = flops.get(target, 0) - flops.get(k, 0) * (1 - refs / counted_refs if counted_refs else 1)
+    for ph, (_, busy_ms, by_cat) in profiles.items():
+        wall = r.get(f"time/{ph}", 0)
+        for cat, share in [("all kernels", 1.0)] + sorted(by_cat.items(), key=lambda kv: -kv[1]):
+            secs = busy_ms * share / 1e3
+            fl = flops.get(ph, 0) if cat == "all kernels" else flops.get(f"kind/{ph}/{cat}", 0)
+            rows.append(dict(phase=ph, kernels=cat, gpu_s=secs, of_wall=secs / wall if wall else "",
+                             tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl and secs else "",
+                             ceiling=fl / secs / CEILING if fl and secs else ""))
+    return rows

@@ -27,7 +27,7 @@ import fast_train
 import offload
 import train
 import bench.flops as counting
-from bench.common import DEV, OUT_DIR, PROMPT, kernel_table, show
+from bench.common import DEV, OUT_DIR, PROMPT, show
 from bench.models import paper_config, real_rewards, real_wan
 from config import STEP_LEVERS
 from logs import Phases
@@ -194,9 +194,9 @@ def bench_train(args):
         counted_at = (s0, g0, flops, calls)
     if args.profile:
         restore(ctx, state)
-        with phase_profiles(ctx) as profiles:
+        with counting.phase_profiles(ctx) as profiles:
             r, _, refs = step(1, s0, g0, fast, compiled, label="fast, warm, profiled")
-        table = profile_rows(r, profiles, counted_at, refs.get("ref", 0))
+        table = counting.profile_rows(r, profiles, counted_at, refs.get("ref", 0))
         print("\nwhere each phase's time goes (the profiled step; FLOPs: the counted step's, by kernel family):")
         show(table)
         os.makedirs(OUT_DIR, exist_ok=True)
@@ -229,51 +229,6 @@ def bench_train(args):
     if checks:
         print("the scaling checked: FLOPs counted at G against those scaled from the first run's count")
         show(checks)
-    return rows
-
-
-@contextlib.contextmanager
-def phase_profiles(ctx):
-    """{phase: kernel_table} of the step run inside: a CUDA profiler stopped and started again at each phase's end
-    (logs.Phases' hook, after its synchronisation), so each table holds one phase's kernels."""
-    from torch.profiler import ProfilerActivity, profile
-    hook, out, prof = ctx.lap_hook, {}, [None]
-
-    def start():
-        prof[0] = profile(activities=[ProfilerActivity.CUDA])
-        prof[0].start()
-
-    def lap(name):
-        hook and hook(name)
-        prof[0].stop()
-        out[name] = kernel_table(prof[0], top=20)
-        start()
-    ctx.lap_hook = lap
-    start()
-    try:
-        yield out
-    finally:
-        prof[0].stop()
-        ctx.lap_hook = hook
-
-
-def profile_rows(r, profiles, counted_at, refs):
-    """Rows per phase and kernel family: GPU seconds, share of the phase's wall time, counted TFLOP, TFLOP/s, ceiling.
-    The training phase's FLOPs count the profiled step's `refs` theta_ref forwards, not the counted step's (the mask
-    follows rewards that the compiled path rounds differently)."""
-    flops, rows = dict(counted_at[2]) if counted_at else {}, []
-    counted_refs = counted_at[3].get("ref", 0) if counted_at else 0
-    for k in [k for k in flops if k.startswith("kind/train/ref/")] + ["train/ref"]:
-        target = "train" if k == "train/ref" else k.replace("/ref/", "/")
-        flops[target] = flops.get(target, 0) - flops.get(k, 0) * (1 - refs / counted_refs if counted_refs else 1)
-    for ph, (_, busy_ms, by_cat) in profiles.items():
-        wall = r.get(f"time/{ph}", 0)
-        for cat, share in [("all kernels", 1.0)] + sorted(by_cat.items(), key=lambda kv: -kv[1]):
-            secs = busy_ms * share / 1e3
-            fl = flops.get(ph, 0) if cat == "all kernels" else flops.get(f"kind/{ph}/{cat}", 0)
-            rows.append(dict(phase=ph, kernels=cat, gpu_s=secs, of_wall=secs / wall if wall else "",
-                             tflop=fl / 1e12 if fl else "", tflops=fl / secs / 1e12 if fl and secs else "",
-                             ceiling=fl / secs / counting.CEILING if fl and secs else ""))
     return rows
 
 

@@ -318,7 +318,7 @@ def test_bench_splits_flops_and_kernels_by_family_as_a_hand_table():
 def test_bench_profile_rows_count_the_profiled_steps_reference_forwards():
     """The training phase's FLOPs by kernel family follow the profiled step's theta_ref forwards, not the counted
     step's: a hand table (counted with 2 reference forwards of 10 attention TFLOP each; profiled with 0 and with 1)."""
-    from bench.train_step import profile_rows
+    from bench.flops import profile_rows
     T = 1e12
     flops = {"train": 100 * T, "train/ref": 30 * T, "kind/train/attention": 60 * T, "kind/train/ref/attention": 20 * T,
              "kind/train/matmul": 40 * T, "kind/train/ref/matmul": 10 * T}
