@@ -199,6 +199,9 @@ def bench_train(args):
         table = counting.profile_rows(r, profiles, counted_at, refs.get("ref", 0))
         print("\nwhere each phase's time goes (the profiled step; FLOPs: the counted step's, by kernel family):")
         show(table)
+        print("the largest kernels that do no counted FLOPs, by phase (all: the profile's JSON):")
+        show([dict(phase=ph, **k) for ph, (top, _, _) in profiles.items()
+              for k in [k for k in top if k["category"] in ("copy/layout", "norm/elementwise")][:6]])
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, f"train_{args.preset}_profile.json"), "w") as f:
             json.dump(dict(rows=table, kernels={k: v[0] for k, v in profiles.items()}), f, indent=1)
