@@ -44,9 +44,9 @@ class FlopCount(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         formula = fc.flop_registry.get(func._overloadpacket)
         if formula is not None:
-            n = formula(*args, **(kwargs or {}), out_val=out)
+            n, family = formula(*args, **(kwargs or {}), out_val=out), kind(func)
             self.total += n
-            self.by_kind[kind(func)] = self.by_kind.get(kind(func), 0) + n
+            self.by_kind[family] = self.by_kind.get(family, 0) + n
         return out
 
 
