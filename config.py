@@ -90,9 +90,8 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # all four a G = 24 step took 162.0 s (peak 45.4 GB, fp32 adapters), with the first three 178.6 s, the eager
 # step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s,
 # train_attention nothing measurable (kept as the G = 24 row was measured with it; the all-but rows are not
-# measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.4 s at a step peak of 41.1 GB (bf16
-# adapters then; 38.9 GB at G = 3, longlive 37.9 GB), once its state stopped holding the compiled convs' buffers
-# (vae.own_storage).
+# measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s (step peak 45.4 GB; longlive at
+# s = 228: 43.5 GB), once its state stopped holding the compiled convs' buffers (vae.own_storage).
 # compile_rewards stays off (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
 # minutes of compiling per process); compile_train (not measured). Not in the krea preset: theta_old's merged copy
 # of a 14B base is 28 GB more, and nothing was measured at 14B.

@@ -9,8 +9,8 @@ merged_rollouts       theta_old's no-grad work (Algorithm 1's rollouts: the hist
                       only: sharded full fine-tuning keeps theta_old's own FSDP2 copy
 fast_decode           the compiled decoder (fast.speed_up) for the group's forks (vae.Decoder.fork), one candidate a
                       call: sampling's batch-1 graphs (a fork of 3 through the compiled decoder peaked at 67.5 GB at
-                      G = 3 and ran out of memory at G = 24). train.py's warm G = 24 decode took 11.4 s instead of
-                      27.0, the step's peak 41.1 GB (H100, 2026-12-06, bf16 adapters then), since the decoder's
+                      G = 3 and ran out of memory at G = 24). train.py's warm G = 24 decode took 11.3 s instead of
+                      27.0, the step's peak 45.4 GB (H100, 2026-12-06, fp32 adapters), since the decoder's
                       state keeps its own copies of the cached frames (vae.own_storage: 55.3 GB before)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
 compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
