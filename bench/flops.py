@@ -158,6 +158,8 @@ def phase_profiles(ctx):
 
     def lap(name):
         hook and hook(name)
+        if name in out:  # a phase entered twice in a step (prompts_per_rank > 1): its wall time would cover both
+            raise SystemExit(f"--profile: phase {name!r} ran twice in the step; profile with prompts_per_rank=1")
         prof[0].stop()
         out[name] = kernel_table(prof[0], top=20)
         start()

@@ -330,6 +330,38 @@ def test_bench_profile_rows_count_the_profiled_steps_reference_forwards():
         assert rows[1]["tflops"] == pytest.approx(want[1] / 1.0) and rows[0]["of_wall"] == pytest.approx(0.8)
 
 
+def test_bench_profile_takes_each_phase_once_and_refuses_a_phase_run_twice(monkeypatch):
+    """--profile's tables are per phase entry: a phase that a step enters twice (prompts_per_rank > 1) would keep only
+    its last entry's kernels against the wall time of both, so it stops, naming the phase. The CPU build of torch has
+    no CUDA profiler: a stand-in records starts and stops (each phase's table comes from one stopped profile)."""
+    import types
+    import torch.profiler
+    from bench.flops import phase_profiles
+    log = []
+
+    class Profile:
+        def __init__(self, activities):
+            log.append("new")
+
+        def start(self):
+            log.append("start")
+
+        def stop(self):
+            log.append("stop")
+
+        def key_averages(self):
+            return []
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    seen, ctx = [], types.SimpleNamespace(lap_hook=None)
+    ctx.lap_hook = seen.append  # the bench's own hook (FLOP marks) still runs at each boundary
+    with pytest.raises(SystemExit, match="'clips' ran twice"):
+        with phase_profiles(ctx) as out:
+            for ph in ("history", "clips", "decode", "clips"):
+                ctx.lap_hook(ph)
+    assert sorted(out) == ["clips", "decode", "history"] and seen == ["history", "clips", "decode", "clips"]
+    assert ctx.lap_hook == seen.append and log == ["new", "start"] + ["stop", "new", "start"] * 3 + ["stop"]  # stopped once
+
+
 def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_the_eager_path():
     """train.py --preset=self_forcing runs the levers the bench measured together (bench/README.md); the tiny default, the CPU
     tests' reference, runs none; krea (14B, unmeasured) none."""
