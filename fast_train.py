@@ -13,7 +13,10 @@ fast_decode           the compiled decoder (fast.speed_up) for the group's forks
                       27.0, the step's peak 45.4 GB (H100, 2026-12-06, fp32 adapters), since the decoder's
                       state keeps its own copies of the cached frames (vae.own_storage: 55.3 GB before)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
-compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward)
+compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward), the backward
+                      recomputing whole blocks. In place of checkpoint_attention at G = 3 (H100, 2026-12-06): the
+                      training phase 7.55 s against 7.74 (about the noise between two calls), its peak 38.7 GB
+                      against 43.9 (no kept attention outputs)
 compile_rewards       each Qwen2-VL reward model's language model compiled whole, its shapes dynamic (torch.compile
                       fuses the RMSNorms, RoPE and SwiGLU around the matmuls). In the step HPSv3's scoring of a
                       micro-batch (144 frames) took 3.74 s against 3.95 without it, 1-1.7 s of a G = 24 step, for
