@@ -178,6 +178,9 @@ def profile_rows(r, profiles, counted_at, refs):
     follows rewards that the compiled path rounds differently)."""
     flops, rows = dict(counted_at[2]) if counted_at else {}, []
     counted_refs = counted_at[3].get("ref", 0) if counted_at else 0
+    if counted_at and refs and not counted_refs:  # no counted forward to scale from: say so, not a silent low rate
+        print(f"--profile: the profiled step ran {refs} theta_ref forward(s), the counted step none: the train rows' "
+              f"FLOPs leave them out, so their TFLOP/s read low")
     for k in [k for k in flops if k.startswith("kind/train/ref/")] + ["train/ref"]:
         target = "train" if k == "train/ref" else k.replace("/ref/", "/")
         flops[target] = flops.get(target, 0) - flops.get(k, 0) * (1 - refs / counted_refs if counted_refs else 1)

@@ -315,9 +315,10 @@ def test_bench_splits_flops_and_kernels_by_family_as_a_hand_table():
     assert {n: next(c for c, pat in KERNELS if re.search(pat, n, re.I)) for n in names} == names
 
 
-def test_bench_profile_rows_count_the_profiled_steps_reference_forwards():
+def test_bench_profile_rows_count_the_profiled_steps_reference_forwards(capsys):
     """The training phase's FLOPs by kernel family follow the profiled step's theta_ref forwards, not the counted
-    step's: a hand table (counted with 2 reference forwards of 10 attention TFLOP each; profiled with 0 and with 1)."""
+    step's: a hand table (counted with 2 reference forwards of 10 attention TFLOP each; profiled with 0 and with 1).
+    Counted with none and profiled with one, there is nothing to scale from: the rows keep the count and say so."""
     from bench.flops import profile_rows
     T = 1e12
     flops = {"train": 100 * T, "train/ref": 30 * T, "kind/train/attention": 60 * T, "kind/train/ref/attention": 20 * T,
@@ -328,6 +329,11 @@ def test_bench_profile_rows_count_the_profiled_steps_reference_forwards():
         assert [r["kernels"] for r in rows] == ["all kernels", "attention", "matmul", "copy/layout"]
         assert [r["tflop"] or None for r in rows] == pytest.approx(want)
         assert rows[1]["tflops"] == pytest.approx(want[1] / 1.0) and rows[0]["of_wall"] == pytest.approx(0.8)
+    assert "theta_ref" not in capsys.readouterr().out
+    no_refs = {"train": 70 * T, "kind/train/attention": 40 * T, "kind/train/matmul": 30 * T}  # counted with none
+    rows = profile_rows({"time/train": 2.5}, profiles, (21, 3, no_refs, {}), 1)
+    assert [r["tflop"] or None for r in rows] == pytest.approx([70, 40, 30, None])  # what was counted, no more
+    assert "ran 1 theta_ref forward(s), the counted step none" in capsys.readouterr().out
 
 
 def test_bench_profile_takes_each_phase_once_and_refuses_a_phase_run_twice(monkeypatch):
