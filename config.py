@@ -93,9 +93,10 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s (step peak 45.4 GB; longlive at
 # s = 228: 43.5 GB), once its state stopped holding the compiled convs' buffers (vae.own_storage).
 # compile_rewards stays off (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
-# minutes of compiling per process); compile_train in place of checkpoint_attention: at G = 3 training 7.55 s against
-# 7.74 (about the noise), peak 38.7 GB against 43.9, not yet measured in train.py. Not in the krea preset: theta_old's
-# merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# minutes of compiling per process); compile_train's earlier form (the block stages only) in place of
+# checkpoint_attention: at G = 3 training 7.55 s against 7.74 (about the noise), peak 38.7 GB against 43.9; its
+# whole-block form, which composes with checkpoint_attention, is not measured on a GPU yet. Not in the krea preset:
+# theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, checkpoint_attention=True)
@@ -248,11 +249,6 @@ def check_config(cfg):
         raise SystemExit(f"error: group_size={cfg.group_size}: advantages need at least 2 candidates per prompt")
     if cfg.micro_batch < 1:
         raise SystemExit(f"error: micro_batch={cfg.micro_batch} must be at least 1")
-    # selective checkpointing intercepts every op with a dispatch mode, under which compiled code does not run
-    # compiled (pytorch/pytorch#161889; older versions recompile at every call): the two levers exclude each other
-    need(not (cfg.compile_train and cfg.gradient_checkpointing and cfg.checkpoint_attention), "compile_train",
-         "with gradient_checkpointing needs --checkpoint_attention=false (compiled stages do not run compiled "
-         "under selective checkpointing)")
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise SystemExit(f"error: out_dir={cfg.out_dir!r} is a file, not a folder")
 

@@ -13,16 +13,17 @@ fast_decode           the compiled decoder (fast.speed_up) for the group's forks
                       27.0, the step's peak 45.4 GB (H100, 2026-12-06, fp32 adapters), since the decoder's
                       state keeps its own copies of the cached frames (vae.own_storage: 55.3 GB before)
 train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under autograd, forward and backward
-compile_train         compiled block stages for theta's forward/backward (and theta_ref's no-grad forward), the backward
-                      recomputing whole blocks. In place of checkpoint_attention at G = 3 (H100, 2026-12-06): the
-                      training phase 7.55 s against 7.74 (about the noise between two calls), its peak 38.7 GB
-                      against 43.9 (no kept attention outputs)
+compile_train         theta's forward/backward (and theta_ref's no-grad forward) a compiled block at a time
+                      (model.block_call): the block's stages, attention, and the checkpoint with its policy
+                      (checkpoint_attention's or whole-block recompute) in one graph, once per block position
 compile_rewards       each Qwen2-VL reward model's language model compiled whole, its shapes dynamic (torch.compile
                       fuses the RMSNorms, RoPE and SwiGLU around the matmuls). In the step HPSv3's scoring of a
                       micro-batch (144 frames) took 3.74 s against 3.95 without it, 1-1.7 s of a G = 24 step, for
                       minutes of compiling per process (H100, 2026-12-06): off in the presets
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
+import weakref
+
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
@@ -50,8 +51,22 @@ def keep_self_attention(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+BLOCK_CALLS = weakref.WeakKeyDictionary()  # CausalWan -> its compiled block_call, made once (as fast.compile_blocks)
+
+
 def _stages(net, compiled):
     net.stages = fast.compile_blocks(net).stages if compiled else model.BLOCK_STAGES  # compiled once per net
+
+
+def _block_call(net, compiled):
+    """compile_train: net's training forward a compiled block at a time (model.block_call), or eagerly. One compiled
+    function serves every block and layer, its shapes static at first. A step at a new history length s (train.py
+    draws one per step) gives the blocks contexts of other lengths, which dynamo then compiles with that length
+    dynamic: over s = 0-30 at window 21 and clip 12 (the tiny model) 25 graphs in all; with static shapes the
+    recompile limit (64) was reached at s = 15, past which dynamo runs the blocks eagerly."""
+    if compiled and net not in BLOCK_CALLS:
+        BLOCK_CALLS[net] = torch.compile(model.block_call)
+    net.block_call = BLOCK_CALLS[net] if compiled else None
 
 
 def _decoder(autoencoder, compiled):
@@ -88,7 +103,7 @@ def configure(ctx, cfg, compile=None):
     _decoder(ctx.wan.vae, cfg.fast_decode and compile)
     ctx.decode_batch = 1 if cfg.fast_decode and compile else 0
     net.train_attention = model.SAMPLING_ATTENTION if cfg.train_attention and cuda else None
-    _stages(net, cfg.compile_train and compile)
+    _block_call(net, cfg.compile_train and compile)
     net.checkpoint_policy = keep_self_attention if cfg.checkpoint_attention else None
     compile_rewards(ctx.reward_fn, cfg.compile_rewards and compile)
     return ctx

@@ -115,27 +115,42 @@ class KVCache:
 
         store=True writes k, v into the block's slot (rollout); the result is then a view of the
         storage, with no copy when there is no prefix. store=False leaves the cache untouched and
-        appends k, v (the training forward: noisy queries with gradients, clean cached context).
+        appends k, v to the clean context (the training forward: noisy queries with gradients).
         An explicit `pos` lets gradient checkpointing recompute a block after the cache has moved on."""
+        if not store:
+            return append(*self.context(layer, k, pos), k, v)
+        (a, b), prefix_tokens = self._slot(k, pos)
+        self.k[layer][:, a:b] = k
+        self.v[layer][:, a:b] = v
+        ks, vs = self._prefix(layer, prefix_tokens, k.shape[0])
+        return append(ks, vs, self.k[layer][:, :b], self.v[layer][:, :b])
+
+    def context(self, layer, x, pos=None):
+        """The cached keys and values the block at `pos` attends to besides its own tokens x [B, tokens, ...], as two
+        lists of views (no copy): the attended prefix ranges, expanded to the batch, then the own frames before
+        the block's slot. The training forward takes them as tensors (model.block_call), so that one compiled
+        graph serves every layer: a graph guards on Python ints such as the layer index."""
+        (a, _), prefix_tokens = self._slot(x, pos)
+        ks, vs = self._prefix(layer, prefix_tokens, x.shape[0])
+        if a:  # no empty piece: a compiled graph would guard on its size 0
+            ks, vs = ks + [self.k[layer][:, :a]], vs + [self.v[layer][:, :a]]
+        return ks, vs
+
+    def _slot(self, k, pos):
         if (pos or self.pos) is None:
             raise ValueError("attend() before begin_block(): the cache does not know which block this is")
         (a, b), prefix_tokens = pos or self.pos
         a, b = a * self.tpf, b * self.tpf
         if k.shape[1] != b - a:
             raise ValueError(f"block has {k.shape[1]} tokens, cache slot holds {b - a}")
-        if store:
-            self.k[layer][:, a:b] = k
-            self.v[layer][:, a:b] = v
-            ks, vs = self.k[layer][:, :b], self.v[layer][:, :b]
-        else:
-            ks = torch.cat([self.k[layer][:, :a], k], dim=1)
-            vs = torch.cat([self.v[layer][:, :a], v], dim=1)
-        if prefix_tokens:
-            pk, pv, _ = self.prefix
-            B = ks.shape[0]
-            ks = torch.cat([pk[layer][:, s:e].expand(B, -1, -1, -1) for s, e in prefix_tokens] + [ks], dim=1)
-            vs = torch.cat([pv[layer][:, s:e].expand(B, -1, -1, -1) for s, e in prefix_tokens] + [vs], dim=1)
-        return ks, vs
+        return (a, b), prefix_tokens
+
+    def _prefix(self, layer, prefix_tokens, batch):
+        if not prefix_tokens:
+            return [], []
+        pk, pv, _ = self.prefix
+        return ([pk[layer][:, s:e].expand(batch, -1, -1, -1) for s, e in prefix_tokens],
+                [pv[layer][:, s:e].expand(batch, -1, -1, -1) for s, e in prefix_tokens])
 
     def fork(self, batch, capacity_frames, frames_per_block):
         """Freeze this (batch-1) cache as the shared prefix of a group of `batch` candidates.
@@ -165,3 +180,9 @@ class KVCache:
         """Bytes of K/V held for this batch's own frames (a shared prefix is not counted)."""
         per_frame = 2 * len(self.k) * self.k[0][:, :self.tpf].numel() * self.k[0].element_size()
         return len(self.frames) * per_frame
+
+
+def append(ks, vs, k, v):
+    """The keys and values ks + [k], vs + [v] (lists of [B, tokens, H, D]) joined along the tokens; no copy when
+    there is nothing before k."""
+    return (torch.cat([*ks, k], 1), torch.cat([*vs, v], 1)) if ks else (k, v)

@@ -16,6 +16,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
 
+from kv_cache import append
+
 
 # ---------------------------------------------------------------------------------------------
 # Few-step schedule (Self-Forcing convention): steps [1000, 750, 500, 250] warped by shift 5,
@@ -109,19 +111,20 @@ class CausalBlock(WanTransformerBlock):
         return c.norm_k(c.to_k(ctx)).unflatten(2, (c.heads, -1)), c.to_v(ctx).unflatten(2, (c.heads, -1))
 
     def causal_forward(self, x, e, freqs, text_kv, cache, i, pos, store, recompute, stages=BLOCK_STAGES,
-                       backends=None):
+                       backends=None, call=None):
         """One layer: self-attention over the cache and this call's tokens, cross-attention, feed-forward.
         recompute: gradient checkpointing, True (the whole block is recomputed in the backward) or a selective
         checkpointing policy (torch.utils.checkpoint's: which ops' outputs are kept); inside the FSDP2 call, so the
-        recompute finds the weights gathered. backends: SDPA backends in priority order (None: PyTorch's choice)."""
-        args = (x, e, freqs, text_kv, cache, i, pos, store, stages, backends)
-        if recompute:
-            sac = {} if recompute is True else \
-                {"context_fn": functools.partial(create_selective_checkpoint_contexts, recompute)}
-            return checkpoint(self._causal, *args, use_reentrant=False, **sac)
-        return self._causal(*args)
+        recompute finds the weights gathered. backends: SDPA backends in priority order (None: PyTorch's choice).
+        call: block_call or a compiled copy of it (CausalWan.block_call) for the calls that leave the cache as it
+        is (the training forward)."""
+        if store and cache is not None:  # a rollout (no grad): this call's keys go into the cache
+            return self._causal(x, e, freqs, text_kv, functools.partial(cache.attend, i, store=True, pos=pos),
+                                stages, backends)
+        ks, vs = cache.context(i, x, pos) if cache is not None else ([], [])
+        return (call or block_call)(self, x, e, freqs, text_kv, ks, vs, recompute, stages, backends)
 
-    def _causal(self, x, e, freqs, text_kv, cache, i, pos, store, stages, backends):
+    def _causal(self, x, e, freqs, text_kv, extend, stages, backends):
         # the backend choice lives inside the checkpointed function: the backward's recompute must pick the same
         # kernel as the forward (a checkpoint refuses recomputed tensors of other shapes, and cuDNN's backward
         # needs cuDNN's saved statistics)
@@ -129,12 +132,23 @@ class CausalBlock(WanTransformerBlock):
             shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + e.float()).chunk(6, dim=1)
             # 1. self-attention over [sink + window cache, this block]; keys rotated before caching
             q, k, v = stages[0](self, x, shift, scale, freqs)
-            if cache is not None:
-                k, v = cache.attend(i, k, v, store, pos)
+            k, v = extend(k, v)
             # 2. cross-attention to the prompt (K/V computed once per prompt by text_kv)
             x, q = stages[1](self, x, attend(q, k, v), gate)
             # 3. feed-forward
             return stages[2](self, x, attend(q, *text_kv), c_shift, c_scale, c_gate)
+
+
+def block_call(blk, x, e, freqs, text_kv, ks, vs, recompute, stages, backends):
+    """One block's call that leaves the cache as it is (the training forward: theta's, theta_ref's), its cached
+    context given as tensors (kv_cache.KVCache.context), so that compile_train compiles it whole, checkpointing and
+    its selective policy included, once per block position for every layer (fast_train.py)."""
+    args = (x, e, freqs, text_kv, functools.partial(append, ks, vs), stages, backends)
+    if recompute:
+        sac = {} if recompute is True else \
+            {"context_fn": functools.partial(create_selective_checkpoint_contexts, recompute)}
+        return checkpoint(blk._causal, *args, use_reentrant=False, **sac)
+    return blk._causal(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +166,7 @@ class CausalWan(torch.nn.Module):
         self.checkpoint_policy = None  # with gradient_checkpointing: a selective policy (fast_train.py)
         self.train_attention = None  # SDPA backends under autograd (fast_train.py: SAMPLING_ATTENTION on CUDA)
         self.stages = BLOCK_STAGES  # fast.compile_blocks swaps in compiled copies
+        self.block_call = None  # the training forward's block call: block_call, or fast_train.py's compiled copy
         # RoPE as complex rotations, split per head like diffusers' WanRotaryPosEmbed (t, h, w).
         d = cfg.attention_head_dim
         hw = 2 * (d // 6)
@@ -228,7 +243,8 @@ class CausalWan(torch.nn.Module):
         backends = self.train_attention if grad else SAMPLING_ATTENTION
         for i, blk in enumerate(tr.blocks):
             kv = (text_kv[2 * i].expand(B, -1, -1, -1), text_kv[2 * i + 1].expand(B, -1, -1, -1))
-            z = blk.causal_forward(z, e, (cos, sin), kv, cache, i, pos, store, recompute, self.stages, backends)
+            z = blk.causal_forward(z, e, (cos, sin), kv, cache, i, pos, store, recompute, self.stages, backends,
+                                   self.block_call)
         shift, scale = (tr.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         z = tr.proj_out((tr.norm_out(z.float()) * (1 + scale) + shift).type_as(z))
         z = z.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -120,19 +120,23 @@ def test_merged_copy_follows_the_ema_after_a_train_step(wan):
 
 # ------------------------------------------------------------------ selective activation checkpointing
 class CountAttention(TorchDispatchMode):
+    supports_higher_order_operators = True  # a compiled backward recomputes attention inside run_with_rng_state
+
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func in fast_train.SDPA_OPS
+        op = args[1] if func is torch.ops.higher_order.run_with_rng_state else func
+        self.calls += op in fast_train.SDPA_OPS
         return func(*args, **(kwargs or {}))
 
 
 def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradients(wan):
     """Gradients with no checkpointing, whole-block recompute and the selective policy agree to rounding; the
     backward recomputes both attention forwards of every block call without the policy, only the cross-attention
-    with it (the self-attention output is kept)."""
+    with it (the self-attention output is kept), also with the block call compiled whole (compile_train; AOT
+    autograd's partition of forward and backward, which follows the policy's tags, run without code generation)."""
     w = copy.deepcopy(wan)
     policy = Policy(config.parse_config(LORA), w, 1)
     random_adapters(policy, 2)
@@ -142,17 +146,21 @@ def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradien
     cache = g.clip_cache(old, kv, 0, 2)
     x_t, grads, recomputed = torch.randn(2, 16, 9, 8, 8), [], []
     net = policy.net("default")
-    runs = ((False, None, None), (True, None, None), (True, fast_train.keep_self_attention, None),
-            (True, fast_train.keep_self_attention, M.SAMPLING_ATTENTION))  # backends chosen inside the checkpoint
-    for ckpt, sac, backends in runs:
-        net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = ckpt, sac, backends
+    keep, compiled = fast_train.keep_self_attention, torch.compile(M.block_call, backend="aot_eager")
+    runs = ((False, None, None, None), (True, None, None, None), (True, keep, None, None),
+            (True, keep, M.SAMPLING_ATTENTION, None),  # backends chosen inside the checkpoint
+            (True, None, None, compiled), (True, keep, None, compiled))
+    torch._dynamo.reset()
+    for ckpt, sac, backends, call in runs:
+        net.gradient_checkpointing, net.checkpoint_policy, net.train_attention, net.block_call = ckpt, sac, backends, call
         v = clip_velocity(net, x_t, torch.tensor([0.9, 0.6]), net.text_kv(w.text_encoder(["a cat"])), cache, 6)
         with CountAttention() as count:
             grads.append(torch.autograd.grad(v.square().mean(), policy.params("default")))
         recomputed.append(count.calls)
-    net.gradient_checkpointing, net.checkpoint_policy, net.train_attention = False, None, None
+    net.gradient_checkpointing, net.checkpoint_policy, net.train_attention, net.block_call = False, None, None, None
+    torch._dynamo.reset()
     calls = 3 * 2  # 3 blocks of the clip x 2 layers: attention forwards the backward runs again
-    assert recomputed == [0, 2 * calls, calls, calls]  # none; self- and cross-attention; cross-attention only
+    assert recomputed == [0, 2 * calls, calls, calls, 2 * calls, calls]  # none; self- and cross-; cross- only
     for other in grads[1:]:
         for a, b in zip(other, grads[0]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -184,11 +192,13 @@ def eager_compile(monkeypatch):
 
 
 def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
-    """train_step with every fast path compiled (dynamo's eager backend) equals the eager step from the same state;
-    a second step (no history: a fresh decoder stream for the clips) and a third compile nothing new, and nothing
-    hits the recompile limit (dynamo would then run eagerly without a word)."""
-    cfg = config.parse_config(FAST + LORA + ["--compile_train=true", "--gradient_checkpointing=true",
-                                             "--checkpoint_attention=false"])
+    """train_step with every fast path compiled (dynamo's eager backend), compile_train and checkpoint_attention
+    together, equals the eager step from the same state. A second step with no history (a fresh decoder stream for
+    the clips, shorter contexts for the training forward's blocks) compiles new block calls only, and a third at
+    the first one's history nothing new; nothing hits the recompile limit (dynamo would then run eagerly without a
+    word)."""
+    cfg = config.parse_config(FAST + LORA + ["--compile_train=true", "--gradient_checkpointing=true"])
+    blocks = lambda: len(torch._dynamo.eval_frame._debug_get_cache_entry_list(M.block_call.__code__))
     rows = []
     with eager_compile(monkeypatch) as counters:
         for compile in (False, True):
@@ -196,18 +206,21 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
             random_adapters(ctx.policy, 3)
             ctx.policy.merge_old()
             assert (ctx.policy.merged.stages is M.BLOCK_STAGES) != compile
+            assert (ctx.policy.model.block_call is None) != compile
             rows.append(train.train_step(1, cfg, ctx))
-        graphs = counters["stats"]["unique_graphs"]
-        assert graphs > 0
+        graphs, calls = counters["stats"]["unique_graphs"], blocks()
+        assert calls > 0
         cfg.clip_start = 0  # no history: the clip is a fresh decoder stream, in the chunk layouts of the history's
         train.train_step(2, cfg, ctx)  # own batch-1 stream, since the forks decode one candidate a call
-        assert counters["stats"]["unique_graphs"] == graphs
-        cfg.clip_start = 3
-        stages, decoder = ctx.policy.merged.stages, V.FAST[ctx.wan.vae]
+        assert counters["stats"]["unique_graphs"] - graphs == blocks() - calls > 0
+        graphs, cfg.clip_start = counters["stats"]["unique_graphs"], 3
+        stages, decoder, call = ctx.policy.merged.stages, V.FAST[ctx.wan.vae], ctx.policy.model.block_call
         fast_train.configure(ctx, cfg, compile=False)  # switched off and on again (the bench does): the same
         assert ctx.policy.merged.stages is M.BLOCK_STAGES and V.FAST[ctx.wan.vae] is ctx.wan.vae.decoder
+        assert ctx.policy.model.block_call is None
         fast_train.configure(ctx, cfg, compile=True)  # compiled objects, so nothing compiles again
         assert ctx.policy.merged.stages is stages and V.FAST[ctx.wan.vae] is decoder
+        assert ctx.policy.model.block_call is call
         train.train_step(3, cfg, ctx)
         assert counters["stats"]["unique_graphs"] == graphs
     for k in ("policy_loss", "grad_norm", "reward/composite"):
@@ -377,5 +390,5 @@ def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_th
     on = [True, True, True, False, True, False]
     assert table == {"tiny": [False] * 6, "self_forcing": on, "causal_forcing": on, "longlive": on,
                      "krea": [False] * 6}
-    for p in config.PRESETS:  # each preset's levers pass the config check (compile_train excludes the selective one)
+    for p in config.PRESETS:  # each preset's levers pass the config check
         config.check_config(config.parse_config([f"--preset={p}", "--out_dir=/nonexistent/x"]))
