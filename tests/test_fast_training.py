@@ -149,7 +149,7 @@ def test_selective_checkpointing_keeps_self_attention_and_gives_the_same_gradien
     keep, compiled = fast_train.keep_self_attention, torch.compile(M.block_call, backend="aot_eager")
     runs = ((False, None, None, None), (True, None, None, None), (True, keep, None, None),
             (True, keep, M.SAMPLING_ATTENTION, None),  # backends chosen inside the checkpoint
-            (True, None, None, compiled), (True, keep, None, compiled))
+            (True, None, None, compiled), (True, keep, M.SAMPLING_ATTENTION, compiled))
     torch._dynamo.reset()
     for ckpt, sac, backends, call in runs:
         net.gradient_checkpointing, net.checkpoint_policy, net.train_attention, net.block_call = ckpt, sac, backends, call
