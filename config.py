@@ -93,10 +93,10 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s (step peak 45.4 GB; longlive at
 # s = 228: 43.5 GB), once its state stopped holding the compiled convs' buffers (vae.own_storage).
 # compile_rewards stays off (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
-# minutes of compiling per process); compile_train's earlier form (the block stages only) in place of
-# checkpoint_attention: at G = 3 training 7.55 s against 7.74 (about the noise), peak 38.7 GB against 43.9; its
-# whole-block form, which composes with checkpoint_attention, is not measured on a GPU yet. Not in the krea preset:
-# theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# minutes of compiling per process). compile_train with checkpoint_attention took the G = 3 training phase to 6.83 s
+# against 8.40 with checkpoint_attention alone (one process, rollout levers off): not switched on until train.py
+# has run it on the GPU, cold and warm. Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more,
+# and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, checkpoint_attention=True)
