@@ -118,7 +118,8 @@ class CausalBlock(WanTransformerBlock):
         recompute finds the weights gathered. backends: SDPA backends in priority order (None: PyTorch's choice).
         call: block_call or a compiled copy of it (CausalWan.block_call) for the calls that leave the cache as it
         is (the training forward)."""
-        if store and cache is not None:  # a rollout (no grad): this call's keys go into the cache
+        if store and cache is not None:  # a rollout (no grad): its keys go into the cache; never checkpointed, as a
+            # recompute would write them again
             return self._causal(x, e, freqs, text_kv, functools.partial(cache.attend, i, store=True, pos=pos),
                                 stages, backends)
         ks, vs = cache.context(i, x, pos) if cache is not None else ([], [])
