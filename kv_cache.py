@@ -110,26 +110,23 @@ class KVCache:
         self.pos = ((len(kept), len(self.frames)), ())
         return self.pos
 
-    def attend(self, layer, k, v, store, pos=None):
-        """Keys/values the block at `pos` (default: the current one) attends to, given its k, v [B, tokens, H, D].
-
-        store=True writes k, v into the block's slot (rollout); the result is then a view of the
-        storage, with no copy when there is no prefix. store=False leaves the cache untouched and
-        appends k, v to the clean context (the training forward: noisy queries with gradients).
-        An explicit `pos` lets gradient checkpointing recompute a block after the cache has moved on."""
-        if not store:
-            return append(*self.context(layer, k, pos), k, v)
-        (a, b), prefix_tokens = self._slot(k, pos)
+    def attend(self, layer, k, v):
+        """Write the current block's k, v [B, tokens, H, D] into its slot (a rollout) and return the keys/values
+        the block attends to: a view of the storage, with no copy when there is no prefix. The training forward,
+        which leaves the cache as it is, takes `context` instead."""
+        (a, b), prefix_tokens = self._slot(k, None)
         self.k[layer][:, a:b] = k
         self.v[layer][:, a:b] = v
         ks, vs = self._prefix(layer, prefix_tokens, k.shape[0])
         return append(ks, vs, self.k[layer][:, :b], self.v[layer][:, :b])
 
     def context(self, layer, x, pos=None):
-        """The cached keys and values the block at `pos` attends to besides its own tokens x [B, tokens, ...], as two
-        lists of views (no copy): the attended prefix ranges, expanded to the batch, then the own frames before
-        the block's slot. The training forward takes them as tensors (model.block_call), so that one compiled
-        graph serves every layer: a graph guards on Python ints such as the layer index."""
+        """The cached keys and values the block at `pos` (default: the current one) attends to besides its own
+        tokens x [B, tokens, ...], as two lists of views (no copy): the attended prefix ranges, expanded to the
+        batch, then the own frames before the block's slot; the cache is left as it is (the training forward: noisy
+        queries with gradients). An explicit `pos` lets gradient checkpointing recompute a block after the cache has
+        moved on. The training forward takes them as tensors (model.block_call), so that one compiled graph serves
+        every layer: a graph guards on Python ints such as the layer index."""
         (a, _), prefix_tokens = self._slot(x, pos)
         ks, vs = self._prefix(layer, prefix_tokens, x.shape[0])
         if a:  # no empty piece: a compiled graph would guard on its size 0

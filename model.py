@@ -120,8 +120,7 @@ class CausalBlock(WanTransformerBlock):
         is (the training forward)."""
         if store and cache is not None:  # a rollout (no grad): its keys go into the cache; never checkpointed, as a
             # recompute would write them again
-            return self._causal(x, e, freqs, text_kv, functools.partial(cache.attend, i, store=True, pos=pos),
-                                stages, backends)
+            return self._causal(x, e, freqs, text_kv, functools.partial(cache.attend, i), stages, backends)
         ks, vs = cache.context(i, x, pos) if cache is not None else ([], [])
         return (call or block_call)(self, x, e, freqs, text_kv, ks, vs, recompute, stages, backends)
 

@@ -594,7 +594,7 @@ def test_generate_rejects_switches_off_block_starts_and_frames_past_rope(wan):
         with pytest.raises(ValueError, match="cache sizes must be positive ints"):
             KVCache(2, 0, 12, 16, 2, 16, sink_frames=3, window_frames=9, frames_per_block=3)
         with pytest.raises(ValueError, match="attend\\(\\) before begin_block"):
-            KVCache(2, 1, 12, 16, 2, 16, 3, 9, 3).attend(0, torch.randn(1, 48, 2, 16), torch.randn(1, 48, 2, 16), True)
+            KVCache(2, 1, 12, 16, 2, 16, 3, 9, 3).attend(0, torch.randn(1, 48, 2, 16), torch.randn(1, 48, 2, 16))
         assert calls == []  # every error came before the first forward
     finally:
         del m.forward
