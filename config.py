@@ -61,7 +61,7 @@ class Config:
     merged_rollouts: bool = False  # theta_old's no-grad work on a copy with its LoRA folded in (compiled on CUDA)
     fast_decode: bool = False      # the compiled decoder (CUDA)
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
-    compile_train: bool = False    # compiled block stages for theta's forward and backward (CUDA)
+    compile_train: bool = False    # each training block compiled whole, forward and backward (CUDA)
     checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
     compile_rewards: bool = False  # the Qwen2-VL reward models' language models compiled (CUDA)
     steps: int = 100              # optimizer steps of the run (with resume: in all)
@@ -87,19 +87,19 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
 # The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
-# all four a G = 24 step took 162.0 s (peak 45.4 GB, fp32 adapters), with the first three 178.6 s, the eager
-# step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s,
-# train_attention nothing measurable (kept as the G = 24 row was measured with it; the all-but rows are not
-# measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s (step peak 45.4 GB; longlive at
-# s = 228: 43.5 GB), once its state stopped holding the compiled convs' buffers (vae.own_storage).
-# compile_rewards stays off (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for
-# minutes of compiling per process). compile_train with checkpoint_attention took the G = 3 training phase to 6.83 s
-# against 8.40 with checkpoint_attention alone (one process, rollout levers off): not switched on until train.py
-# has run it on the GPU, cold and warm. Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more,
-# and nothing was measured at 14B.
+# all five a G = 24 step took 151.3 s (peak 45.2 GB, fp32 adapters), without compile_train 162.0 s, with the first
+# three 178.6 s, the eager step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0,
+# checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the G = 24 rows were measured with it; the
+# all-but rows are not measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s, once its state
+# stopped holding the compiled convs' buffers (vae.own_storage). compile_train (each training block compiled whole,
+# checkpoint_attention's policy inside) took the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from
+# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off
+# (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for minutes of compiling per
+# process). Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
-_FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, checkpoint_attention=True)
+_FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, compile_train=True,
+                  checkpoint_attention=True)
 PRESETS = {
     "tiny": {},
     "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",

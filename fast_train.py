@@ -16,8 +16,8 @@ train_attention       cuDNN-first attention (model.SAMPLING_ATTENTION) under aut
 compile_train         theta's forward/backward (and theta_ref's no-grad forward) a compiled block at a time
                       (model.block_call): the block's stages, attention, and the checkpoint with its policy
                       (checkpoint_attention's or whole-block recompute) in one graph, once per block position. With
-                      checkpoint_attention the G = 3 training phase took 6.83 s against 8.40 with that alone (H100,
-                      2026-12-06, rollout levers off); off in the presets until train.py is measured with it
+                      checkpoint_attention the G = 24 training phase took 54.2 s against 65.8 with the other four
+                      levers alone, train.py's warm step 114.6 s against 125.2 (H100, 2026-12-06): in the presets
 compile_rewards       each Qwen2-VL reward model's language model compiled whole, its shapes dynamic (torch.compile
                       fuses the RMSNorms, RoPE and SwiGLU around the matmuls). In the step HPSv3's scoring of a
                       micro-batch (144 frames) took 3.74 s against 3.95 without it, 1-1.7 s of a G = 24 step, for
