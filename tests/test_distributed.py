@@ -1,16 +1,18 @@
 """Several processes, gloo on the CPU: train.py under torchrun (LoRA under DDP) ends with identical weights on both
 ranks; per-block FSDP2 on two processes equals one unsharded process and resumes; FSDP2 runs every forward path of
-the plain model, gradients included, also with its block calls compiled (compile_train); the advantages and the
-uncertainty mask computed on two processes equal one process's."""
+the plain model, gradients included; compiled block calls (compile_train) under FSDP2 and DDP give eager's
+gradients; the advantages and the uncertainty mask computed on two processes equal one process's."""
 import copy
 import os
 import re
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import config
 import fast_train
 import model as M
 import policy as policy_mod
@@ -100,41 +102,56 @@ def test_per_block_fsdp2_runs_every_forward_path_like_the_plain_model(wan):
         dist.destroy_process_group()
 
 
-def test_per_block_fsdp2_compiled_block_calls_give_the_plain_models_gradients(wan):
-    """compile_train under sharded full fine-tuning (the 1.3B presets with --lora_rank=0): the block call compiled whole
-    (AOT autograd's forward/backward partition, run without code generation) with the selective checkpointing
-    policy, inside per-block FSDP2's gathered call, gives the plain eager model's velocity and gradients, twice in a
-    row: the compiled backward keeps the gathered weights it recomputes from, which FSDP2 frees after each forward
-    and gathers again before the backward."""
+def clip_gradients(m, forward, params, text, x_t, runs=2):
+    """The clip forward's velocity and params' gradients, `runs` times over one cache of m's rollout."""
     from torch.distributed.tensor import DTensor
+    with torch.no_grad():
+        kv = m.text_kv(text)
+        g = group_rollout(m, kv, draw_noise(3, 1, (16, 3, 8, 8)), draw_noise(4, 2, (16, 6, 8, 8)), 3, 9)
+        cache = g.clip_cache(m, kv, 0, 2)
+    out = []
+    for _ in range(runs):
+        v = forward(text, x_t, torch.tensor([0.9, 0.6]), cache, 3)
+        v.square().mean().backward()
+        out += [v.detach()] + [p.grad.full_tensor() if isinstance(p, DTensor) else p.grad.clone() for p in params()]
+        m.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
+def test_compiled_block_calls_under_fsdp2_and_ddp_give_the_eager_gradients(wan, wrap):
+    """compile_train under torchrun's two wrappings: sharded full fine-tuning (--lora_rank=0, per-block FSDP2) and
+    LoRA under DDP. The block call compiled whole (AOT autograd's forward/backward partition, run without code
+    generation) with the selective checkpointing policy gives the plain eager model's velocity and gradients, twice
+    in a row: under FSDP2 the compiled backward recomputes from gathered weights that FSDP2 frees after each forward
+    and gathers again before the backward; under DDP the gradients it returns must reach DDP's reducer."""
     from torch._dynamo.utils import counters
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     torch._dynamo.reset()
     try:
-        plain = copy.deepcopy(wan.model)
-        with torch.no_grad():
-            for p in plain.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        sharded = copy.deepcopy(plain)
-        policy_mod.shard(sharded)
-        sharded.block_call = torch.compile(M.block_call, backend="aot_eager")
         text, x_t = wan.text_encoder(["a fox in the snow"]), torch.randn(2, 16, 6, 8, 8)
         runs = []
-        for m in (plain, sharded):
+        for compiled in (False, True):
+            torch.manual_seed(1)
+            if wrap == "fsdp2":
+                m = copy.deepcopy(wan.model)
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.add_(torch.randn_like(p) * 0.05)
+                compiled and policy_mod.shard(m)
+                forward, params = policy_mod.ClipForward(m, N), m.transformer.parameters
+            else:
+                pol = policy_mod.Policy(config.parse_config(["--lora_rank=4", "--lora_alpha=8"]), copy.deepcopy(wan), 1)
+                for p in pol.params("default"):  # nonzero adapters (B starts at zero)
+                    torch.nn.init.normal_(p, std=0.05)
+                m, params = pol.net("default"), lambda: pol.params("default")
+                forward = policy_mod.ClipForward(m, N)
+                if compiled:
+                    forward = torch.nn.parallel.DistributedDataParallel(forward, broadcast_buffers=False)
             m.gradient_checkpointing, m.checkpoint_policy = True, fast_train.keep_self_attention
-            with torch.no_grad():
-                kv = m.text_kv(text)
-                g = group_rollout(m, kv, draw_noise(3, 1, (16, 3, 8, 8)), draw_noise(4, 2, (16, 6, 8, 8)), 3, 9)
-                cache = g.clip_cache(m, kv, 0, 2)
-            out = []
-            for _ in range(2):
-                v = policy_mod.ClipForward(m, N)(text, x_t, torch.tensor([0.9, 0.6]), cache, 3)
-                v.square().mean().backward()
-                out += [v.detach()] + [p.grad.full_tensor() if isinstance(p, DTensor) else p.grad
-                                       for p in m.transformer.parameters()]
-                m.zero_grad()
-            runs.append(out)
-        assert counters["stats"]["unique_graphs"] > 0  # the sharded model's blocks ran compiled
+            m.block_call = torch.compile(M.block_call, backend="aot_eager") if compiled else None
+            runs.append(clip_gradients(m, forward, params, text, x_t))
+        assert counters["stats"]["unique_graphs"] > 0  # the wrapped model's blocks ran compiled
         for a, b in zip(*runs):
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
     finally:
