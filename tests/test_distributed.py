@@ -124,7 +124,8 @@ def test_compiled_block_calls_under_fsdp2_and_ddp_give_the_eager_gradients(wan, 
     LoRA under DDP. The block call compiled whole (AOT autograd's forward/backward partition, run without code
     generation) with the selective checkpointing policy gives the plain eager model's velocity and gradients, twice
     in a row: under FSDP2 the compiled backward recomputes from gathered weights that FSDP2 frees after each forward
-    and gathers again before the backward; under DDP the gradients it returns must reach DDP's reducer."""
+    and gathers again before the backward; under DDP a gradient the reducer missed in the first backward would stop
+    the second forward (one process: the reduction itself is the identity)."""
     from torch._dynamo.utils import counters
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     torch._dynamo.reset()
@@ -138,7 +139,8 @@ def test_compiled_block_calls_under_fsdp2_and_ddp_give_the_eager_gradients(wan, 
                 with torch.no_grad():
                     for p in m.parameters():
                         p.add_(torch.randn_like(p) * 0.05)
-                compiled and policy_mod.shard(m)
+                if compiled:
+                    policy_mod.shard(m)
                 forward, params = policy_mod.ClipForward(m, N), m.transformer.parameters
             else:
                 pol = policy_mod.Policy(config.parse_config(["--lora_rank=4", "--lora_alpha=8"]), copy.deepcopy(wan), 1)
