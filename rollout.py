@@ -48,7 +48,8 @@ def generate(model, text_kv, noise, cache, start_frame=0, frames_per_block=3, sw
     past `frame` (switch_starts), where its K/V re-cache the window (recache; global_sink as there).
     `latents` holds earlier frames [B, C, start_frame, h, w] when the re-cache reaches back before this call.
     on_block(x0): called with each block's clean latents as soon as they exist (progressive decoding).
-    cache_last_block=False skips the last block's context pass when nothing will attend to it (sampling).
+    cache_last_block=False skips the last block's context pass when nothing will attend to it (sampling, the
+    candidate clips).
     Returns clean latents [B, C, F, h, w] in fp32."""
     if noise.ndim != 6 or noise.shape[1] != len(SIGMAS):
         raise ValueError(f"noise must be [B, {len(SIGMAS)}, C, F, h, w] (draw_noise), got {tuple(noise.shape)}")
@@ -149,9 +150,11 @@ class Group:
     def clip_cache(self, model, text_kv, i, b, frames_per_block=3):
         """The cache candidates [i, i + b) are trained in: the shared history prefix plus their clean clip K/V,
         which the rollout's context passes wrote and which are recomputed here with the same policy (theta_old)
-        from the same clean blocks. Keeping them for all G would cost G x 3.45 GB at the 1.3B size."""
+        from the same clean blocks. Keeping them for all G would cost G x 3.45 GB at the 1.3B size. The last
+        block's K/V are not recomputed: in the training forward (clip_velocity) a block attends to the blocks
+        before it, so nothing reads them (a quarter of this pass at 4 clip blocks)."""
         cache = self.cache.fork(b, self.clips.shape[2], frames_per_block)
-        context_pass(model, text_kv, cache, self.clips[i:i + b], self.start, frames_per_block)
+        context_pass(model, text_kv, cache, self.clips[i:i + b, :, :-frames_per_block], self.start, frames_per_block)
         return cache
 
 
@@ -183,9 +186,12 @@ def candidate_rollouts(model, text_kv, history, cache, clip_noise, frames_per_bl
     clips = torch.empty(G, C, clip_frames, h, w, device=clip_noise.device)
     m = micro_batch or G
     for i in range(0, G, m):  # each micro-batch appends to its own buffers after the shared (viewed) prefix;
-        # forked inline, so the previous micro-batch's buffers (10.3 GB for 3 candidates at 1.3B) are freed first
+        # forked inline, so the previous micro-batch's buffers (10.3 GB for 3 candidates at 1.3B) are freed first.
+        # The last block's context pass is skipped: these buffers are dropped after it (Group.clip_cache recomputes
+        # the K/V the training forward reads), so it would be one forward in 5 x blocks for nothing
         clips[i:i + m] = generate(model, text_kv, clip_noise[i:i + m],
-                                  cache.fork(min(m, G - i), clip_frames, frames_per_block), s, frames_per_block)
+                                  cache.fork(min(m, G - i), clip_frames, frames_per_block), s, frames_per_block,
+                                  cache_last_block=False)
     return Group(history, clips, cache, s)
 
 

@@ -254,6 +254,30 @@ def test_train_forward_matches_rollout_velocity(wan):
     torch.testing.assert_close(v, torch.cat([v for _, _, v in seen], dim=2), atol=1e-5, rtol=0)
 
 
+def test_rollouts_and_clip_cache_skip_only_the_context_pass_nothing_reads(wan):
+    """The candidates' last clip block is written into a cache nobody reads (the rollout drops its buffers, and in
+    the training forward a block attends only to the blocks before it): it gets no context pass, the history's last
+    block and every earlier clip block do. The training forward still returns the sampler's velocities
+    (test_train_forward_matches_rollout_velocity)."""
+    m, kv = wan.model, text_kv(wan)
+    passes, forward = [], m.forward
+
+    def record(x, timestep, text_kv, cache=None, start_frame=0, store=False):
+        if timestep == 0.0:
+            passes.append((start_frame, x.shape[0]))
+        return forward(x, timestep, text_kv, cache, start_frame, store)
+    m.forward = record
+    try:  # history 6 frames, clips of 3 blocks, 4 candidates in micro-batches of 3
+        g = group_rollout(m, kv, draw_noise(70, 1, (16, 6, 8, 8)), draw_noise(71, 4, (16, 9, 8, 8)), 3, 12,
+                          micro_batch=3)
+        assert passes == [(0, 1), (3, 1), (6, 3), (9, 3), (6, 1), (9, 1)]
+        passes.clear()
+        g.clip_cache(m, kv, 1, 2)
+        assert passes == [(6, 2), (9, 2)]
+    finally:
+        del m.forward
+
+
 def test_no_gradient_reaches_history(wan):
     torch.manual_seed(4)
     m = wan.model
