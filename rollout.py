@@ -150,7 +150,7 @@ class Group:
     def clip_cache(self, model, text_kv, i, b, frames_per_block=3):
         """The cache candidates [i, i + b) are trained in: the shared history prefix plus their clean clip K/V,
         which the rollout's context passes wrote and which are recomputed here with the same policy (theta_old)
-        from the same clean blocks. Keeping them for all G would cost G x 3.45 GB at the 1.3B size. The last
+        from the same clean blocks. Keeping them for all G would cost G x 2.6 GB at the 1.3B size. The last
         block's K/V are not recomputed: in the training forward (clip_velocity) a block attends to the blocks
         before it, so nothing reads them (a quarter of this pass at 4 clip blocks)."""
         cache = self.cache.fork(b, self.clips.shape[2], frames_per_block)
