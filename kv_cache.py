@@ -11,8 +11,9 @@ Storage, per layer, is [batch, tokens, heads, head_dim] in frame order:
   block begins and never between the denoising steps of a block: those steps and the context pass
   overwrite the block's own slot in place.
 - `prefix` (optional): a frozen history shared by a group of G candidates (paper Eq. 3: the history
-  is generated once). It is a batch-1 view of another cache's storage, expanded (stride 0, no copy)
-  to the group when attended; each candidate appends its own clip blocks to its own `own` buffer.
+  is generated once). It is a batch-1 view of another cache's storage, never copied into the group's
+  buffers: the training forward reads it expanded (stride 0), a rollout's attention joins it to each
+  candidate's own frames per call (join_rows); each candidate appends its own clip blocks to its own `own` buffer.
 """
 import torch
 
@@ -117,8 +118,11 @@ class KVCache:
         (a, b), prefix_tokens = self._slot(k, None)
         self.k[layer][:, a:b] = k
         self.v[layer][:, a:b] = v
-        ks, vs = self._prefix(layer, prefix_tokens, k.shape[0])
-        return append(ks, vs, self.k[layer][:, :b], self.v[layer][:, :b])
+        if not prefix_tokens:
+            return self.k[layer][:, :b], self.v[layer][:, :b]
+        pk, pv, _ = self.prefix
+        return join_rows(pk[layer], prefix_tokens, self.k[layer][:, :b]), \
+            join_rows(pv[layer], prefix_tokens, self.v[layer][:, :b])
 
     def context(self, layer, x, pos=None):
         """The cached keys and values the block at `pos` (default: the current one) attends to besides its own
@@ -177,6 +181,17 @@ class KVCache:
         """Bytes of K/V held for this batch's own frames (a shared prefix is not counted)."""
         per_frame = 2 * len(self.k) * self.k[0][:, :self.tpf].numel() * self.k[0].element_size()
         return len(self.frames) * per_frame
+
+
+def join_rows(shared, tokens, own):
+    """The token ranges `tokens` of a batch-1 prefix shared [1, T, H, D], then each candidate's own [B, n, H, D]:
+    [B, prefix + n, H, D], the same values as torch.cat of the prefix expanded to the batch and own. Joined as one
+    cat of dense pieces, candidate by candidate: PyTorch's CUDA cat copies with vector loads only when every input
+    is contiguous, and one stride-0 (expanded) input sends the whole join to its per-element kernel
+    (aten/src/ATen/native/cuda/Shape.cu, cat_out_cuda), about 0.7 TB of K/V a micro-batch of 3 clip rollouts."""
+    pieces = [shared[0, s:e] for s, e in tokens]
+    rows = [p for i in range(own.shape[0]) for p in (*pieces, own[i])]
+    return torch.cat(rows).view(own.shape[0], -1, *own.shape[2:])
 
 
 def append(ks, vs, k, v):

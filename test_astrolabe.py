@@ -200,6 +200,20 @@ def test_group_expansion_equals_separate_copies(wan):
     assert group.bytes_in_use() == G * 6 * per_frame  # only the candidates' own clip frames
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rollout_join_of_the_shared_prefix_equals_the_expanded_concatenation(dtype):
+    """KVCache.attend's join (the sink's and the window's prefix ranges, then each candidate's own frames, copied
+    candidate by candidate from dense pieces) holds exactly what torch.cat of the prefix expanded to the batch holds."""
+    from kv_cache import join_rows
+    g = torch.Generator().manual_seed(5)
+    shared, own = torch.randn(1, 40, 2, 8, generator=g).to(dtype), torch.randn(3, 12, 2, 8, generator=g).to(dtype)
+    tokens = ((0, 6), (14, 40))
+    joined = join_rows(shared, tokens, own[:, :9])
+    ref = torch.cat([shared[:, a:b].expand(3, -1, -1, -1) for a, b in tokens] + [own[:, :9]], 1)
+    assert joined.shape == ref.shape == (3, 41, 2, 8) and joined.is_contiguous()
+    assert torch.equal(joined, ref)
+
+
 def test_group_candidate_equals_independent_rollout(wan):
     """Candidate i == regenerating the same history from scratch, then candidate i's noise."""
     m, kv = wan.model, text_kv(wan)
