@@ -201,14 +201,20 @@ def test_group_expansion_equals_separate_copies(wan):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rollout_join_of_the_shared_prefix_equals_the_expanded_concatenation(dtype):
+def test_rollout_join_of_the_shared_prefix_equals_the_expanded_concatenation(dtype, monkeypatch):
     """KVCache.attend's join (the sink's and the window's prefix ranges, then each candidate's own frames, copied
-    candidate by candidate from dense pieces) holds exactly what torch.cat of the prefix expanded to the batch holds."""
+    candidate by candidate from dense pieces) holds exactly what torch.cat of the prefix expanded to the batch holds,
+    and hands torch.cat only contiguous inputs (the condition of PyTorch's vectorised CUDA cat; the expanded prefix
+    is not)."""
     from kv_cache import join_rows
     g = torch.Generator().manual_seed(5)
     shared, own = torch.randn(1, 40, 2, 8, generator=g).to(dtype), torch.randn(3, 12, 2, 8, generator=g).to(dtype)
     tokens = ((0, 6), (14, 40))
+    cat, inputs = torch.cat, []
+    monkeypatch.setattr(torch, "cat", lambda xs, *a, **k: (inputs.extend(xs), cat(xs, *a, **k))[1])
     joined = join_rows(shared, tokens, own[:, :9])
+    monkeypatch.undo()
+    assert len(inputs) == 9 and all(x.is_contiguous() for x in inputs)
     ref = torch.cat([shared[:, a:b].expand(3, -1, -1, -1) for a, b in tokens] + [own[:, :9]], 1)
     assert joined.shape == ref.shape == (3, 41, 2, 8) and joined.is_contiguous()
     assert torch.equal(joined, ref)
