@@ -18,12 +18,13 @@ compile_train         theta's forward/backward (and theta_ref's no-grad forward)
                       (checkpoint_attention's or whole-block recompute) in one graph, once per block position. With
                       checkpoint_attention the G = 24 training phase took 54.2 s against 65.8 with the other four
                       levers alone, train.py's warm step 114.6 s against 125.2 (H100, 2026-12-06): in the presets
-compile_rewards       each Qwen2-VL reward model's language model compiled whole, its shapes dynamic (torch.compile
-                      fuses the RMSNorms, RoPE and SwiGLU around the matmuls). In the step HPSv3's scoring of a
-                      micro-batch (144 frames) took 3.74 s against 3.95 without it, 1-1.7 s of a G = 24 step, for
-                      minutes of compiling per process (H100, 2026-12-06): off in the presets
+compile_rewards       each Qwen2-VL reward model's ViT attention one SDPA call over all images (batched_vision_attention)
+                      and its ViT blocks and language-model layers through one compiled function (LAYER_CALLS), which
+                      fuses the norms, RoPE and SwiGLU around the matmuls
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
+import functools
+import types
 import weakref
 
 import torch
@@ -76,21 +77,52 @@ def _decoder(autoencoder, compiled):
         fast.speed_up(autoencoder, compile=compiled)
 
 
-def compile_rewards(reward_fn, compiled):
-    """compile_rewards on (compiled) or off for reward_fn's Qwen2-VL models: each one's language model compiled whole,
-    its shapes dynamic. Whole, as Module.compile of each layer keys dynamo's cache on the one code object all modules
-    share (Module._call_impl): two models' 56 layers fill the recompile limit (64) at their first new shape, after
-    which dynamo runs them eagerly. Dynamic, as each prompt has its own token count: a graph per length would compile
-    again at nearly every step. Switching off drops the compiled call (dynamo keeps the graphs for the next
-    switch-on); the parked models (offload.py) move between host and GPU by their tensors' .data, which the graphs
-    take as inputs."""
+def _layer_call(layer, *args, **kwargs):
+    return layer.forward(*args, **kwargs)
+
+
+# compile_rewards: one compiled function for every layer of a reward model, the layer an argument (its weights graph
+# inputs), so each layer shape has one graph: the 28 decoder layers share it, where Module.compile of each layer keyed
+# dynamo's cache on the code object all modules share and filled the recompile limit at the first new shape. A
+# second prompt length makes the sequence dimension dynamic (dynamo's automatic dynamic shapes): no more graphs for
+# any prompt after that. layer.forward skips the layers' hooks: transformers' output-capturing hooks, which record
+# only when hidden states or attentions are asked for, never in scoring.
+LAYER_CALLS = weakref.WeakKeyDictionary()  # QwenReward -> its compiled _layer_call, made once (as BLOCK_CALLS)
+
+
+def batched_vision_attention(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+    """Qwen2-VL's vision attention (transformers' VisionAttention.forward, the same math) in one SDPA call over
+    [images, heads, patches, dim]: transformers' SDPA path calls attention once per image (cu_seqlens' segments),
+    16 small calls a block for a chunk of HPSv3 frames. Every image of a reward call has the same patch count
+    (reward_models.to_patches gives them one grid), so the packed sequence splits evenly."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    n, images = hidden_states.shape[0], cu_seqlens.shape[0] - 1
+    if n % images:
+        raise ValueError(f"batched vision attention: {n} patches do not split evenly over {images} images")
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    per_image = lambda t: t.reshape(images, n // images, self.num_heads, -1).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(per_image(q), per_image(k), per_image(v),
+                                                           scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(n, -1))
+
+
+def compile_rewards(reward_fn, on):
+    """compile_rewards on or off for reward_fn's Qwen2-VL models (HPSv3, VideoAlign): the batched ViT attention and
+    its LAYER_CALLS function for each ViT block and language-model layer; off, transformers' own modules run again
+    (dynamo keeps the graphs for the next switch-on). The parked models (offload.py) move between host and GPU by their tensors'
+    .data, which the graphs take as inputs."""
     for scorer in dict.fromkeys(getattr(reward_fn, "models", [])):
         if isinstance(scorer, reward_models.QwenReward):
-            lm = scorer.model.language_model
-            if compiled and lm._compiled_call_impl is None:
-                lm.compile(dynamic=True)
-            elif not compiled:
-                lm._compiled_call_impl = None
+            if on and scorer not in LAYER_CALLS:
+                LAYER_CALLS[scorer] = torch.compile(_layer_call)
+            for layer in [*scorer.model.visual.blocks, *scorer.model.language_model.layers]:
+                layer._compiled_call_impl = functools.partial(LAYER_CALLS[scorer], layer) if on else None
+            for block in scorer.model.visual.blocks:  # an instance attribute over the class's forward, or none
+                if on:
+                    block.attn.forward = types.MethodType(batched_vision_attention, block.attn)
+                else:
+                    block.attn.__dict__.pop("forward", None)
 
 
 def configure(ctx, cfg, compile=None):

@@ -227,33 +227,57 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
         assert rows[1][k] == pytest.approx(rows[0][k], rel=1e-5, abs=1e-8), k
 
 
-def test_compiled_reward_models_score_as_eager_and_compile_once_for_any_prompt_length(monkeypatch):
-    """compile_rewards: HPSv3's and VideoAlign's language models through dynamo (eager backend) give the eager scores
-    on fresh frames, for prompts of other token counts and another batch without compiling again (a graph per
-    length would compile at nearly every step), under the recompile limit train.py sets; switching off restores the
-    eager models."""
+def test_compiled_reward_models_score_as_eager_and_stop_compiling_after_a_second_prompt_length(monkeypatch):
+    """compile_rewards: HPSv3's and VideoAlign's ViT attention batched over images, their ViT blocks and decoder
+    layers through one compiled function each (dynamo's eager backend), give the eager scores (transformers' own
+    per-image attention) on fresh frames. The layers of a model share their graphs (fewer graphs than layers); a
+    second prompt length makes the lengths dynamic, after which prompts of other token counts and another batch
+    compile nothing (a graph per length would compile at nearly every step), under the recompile limit train.py
+    sets; switching off restores transformers' modules."""
     hps, va, fns = qwen_rewards(5)
     reward = rewards.CompositeReward(["hpsv3", "va_mq", "va_ta"], [1.0, 0.5, 2.0], fns, [hps, va, va])
     frames = video(3, 5, 64, 96, seed=8) ** torch.linspace(0.4, 2.5, 3)[:, None, None, None, None]  # unlike clips
     calls = [(frames, ["a red fox", "a blue whale", "green hills"]),
              (frames, ["a red fox runs through fresh snow at sunrise, seen from far above the trees"] * 3),
-             (frames[:2], ["a cat", "a small grey cat asleep on a warm windowsill"])]
+             (frames[:2], ["a cat", "a small grey cat asleep on a warm windowsill"]),
+             (frames[[2, 0]], ["an old lighthouse on a cliff in a storm at night, waves breaking below"] * 2)]
     eager = [reward(x, p) for x, p in calls]
-    lms = [hps.model.language_model, va.model.language_model]
+    layers = [m for q in (hps, va) for m in (*q.model.visual.blocks, *q.model.language_model.layers)]
     with eager_compile(monkeypatch) as counters:
         fast_train.compile_rewards(reward, True)
-        assert all(lm._compiled_call_impl is not None for lm in lms)
-        compiled = [reward(*calls[0])]
+        assert all(m._compiled_call_impl is not None for m in layers)
+        compiled = [reward(x, p) for x, p in calls[:3]]
         graphs = counters["stats"]["unique_graphs"]
-        assert graphs > 0
-        compiled += [reward(x, p) for x, p in calls[1:]]
+        assert 0 < graphs < len(layers)
+        compiled.append(reward(*calls[3]))
         assert counters["stats"]["unique_graphs"] == graphs
         fast_train.compile_rewards(reward, False)
-        assert all(lm._compiled_call_impl is None for lm in lms)
+        assert all(m._compiled_call_impl is None for m in layers)
+        assert not any("forward" in vars(b.attn) for q in (hps, va) for b in q.model.visual.blocks)
     for e, c in zip(eager, compiled):
         assert e["composite"].std() > 1e-3  # the clips score differently, by far more than the tolerance
         for k in e:
             torch.testing.assert_close(c[k], e[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_batched_vision_attention_equals_transformers_per_image_attention():
+    """compile_rewards' ViT attention, one SDPA call over [images, heads, patches, dim], against transformers' own
+    VisionAttention (one call per image) on fresh inputs of 4 images; patches that do not split evenly are refused."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import VisionAttention
+    hps, _, _ = qwen_rewards(5)
+    vis = hps.model.visual
+    torch.manual_seed(3)
+    attn = vis.blocks[0].attn
+    n = 4 * 36
+    x = torch.randn(n, attn.qkv.in_features)
+    cos, sin = torch.randn(n, attn.head_dim), torch.randn(n, attn.head_dim)
+    cu = torch.tensor([0, 36, 72, 108, 144], dtype=torch.int32)
+    want = VisionAttention.forward(attn, x, cu_seqlens=cu, position_embeddings=(cos, sin))
+    got = fast_train.batched_vision_attention(attn, x, cu_seqlens=cu, position_embeddings=(cos, sin))
+    assert want.abs().mean() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not split evenly over 4 images"):
+        fast_train.batched_vision_attention(attn, x[:-1], cu_seqlens=cu, position_embeddings=(cos, sin))
 
 
 def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models(tmp_path):
