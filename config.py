@@ -63,7 +63,7 @@ class Config:
     train_attention: bool = False  # cuDNN-first attention under autograd too (CUDA)
     compile_train: bool = False    # each training block compiled whole, forward and backward (CUDA)
     checkpoint_attention: bool = False  # with gradient_checkpointing: keep self-attention outputs, recompute the rest
-    compile_rewards: bool = False  # the Qwen2-VL reward models' language models compiled (CUDA)
+    compile_rewards: bool = False  # the Qwen2-VL reward models: batched ViT attention, layers compiled (CUDA)
     steps: int = 100              # optimizer steps of the run (with resume: in all)
     seed: int = 0                 # every draw is a function of (seed, step, prompt place): reproducible
     # output
@@ -93,9 +93,9 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # all-but rows are not measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s, once its state
 # stopped holding the compiled convs' buffers (vae.own_storage). compile_train (each training block compiled whole,
 # checkpoint_attention's policy inside) took the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from
-# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off
-# (in the step HPSv3's micro-batch took 3.74 s against 3.95, ~1.7 s of a G = 24 step, for minutes of compiling per
-# process). Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off:
+# its earlier form (the language model compiled whole) took HPSv3's micro-batch from 3.95 to 3.74 s in the step, ~1.7 s
+# of a G = 24 step, for minutes of compiling per process; the current form is not yet timed on a GPU. Not in the krea preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, compile_train=True,

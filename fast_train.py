@@ -20,7 +20,9 @@ compile_train         theta's forward/backward (and theta_ref's no-grad forward)
                       levers alone, train.py's warm step 114.6 s against 125.2 (H100, 2026-12-06): in the presets
 compile_rewards       each Qwen2-VL reward model's ViT attention one SDPA call over all images (batched_vision_attention)
                       and its ViT blocks and language-model layers through one compiled function (LAYER_CALLS), which
-                      fuses the norms, RoPE and SwiGLU around the matmuls
+                      fuses the norms, RoPE and SwiGLU around the matmuls. Off in the presets: the earlier form (the
+                      language model compiled whole, dynamic) took HPSv3's micro-batch from 3.95 to 3.74 s in the step
+                      (H100, 2026-12-06); this one is not yet timed on a GPU
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
 import functools
