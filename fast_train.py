@@ -112,8 +112,8 @@ def batched_vision_attention(self, hidden_states, cu_seqlens, position_embedding
 def compile_rewards(reward_fn, on):
     """compile_rewards on or off for reward_fn's Qwen2-VL models (HPSv3, VideoAlign): the batched ViT attention and
     its LAYER_CALLS function for each ViT block and language-model layer; off, transformers' own modules run again
-    (dynamo keeps the graphs for the next switch-on). The parked models (offload.py) move between host and GPU by their tensors'
-    .data, which the graphs take as inputs."""
+    (dynamo keeps the graphs for the next switch-on). The parked models (offload.py) move between host and GPU by
+    their tensors' .data, which the graphs take as inputs."""
     for scorer in dict.fromkeys(getattr(reward_fn, "models", [])):
         if isinstance(scorer, reward_models.QwenReward):
             if on and scorer not in LAYER_CALLS:
