@@ -93,10 +93,10 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # all-but rows are not measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s, once its state
 # stopped holding the compiled convs' buffers (vae.own_storage). compile_train (each training block compiled whole,
 # checkpoint_attention's policy inside) took the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from
-# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off:
-# its earlier form (the language model compiled whole) took HPSv3's micro-batch from 3.95 to 3.74 s in the step, ~1.7 s
-# of a G = 24 step, for minutes of compiling per process; the current form is not yet timed on a GPU. Not in the krea
-# preset: theta_old's merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off
+# until measured in the step: on HPSv3 alone it took a micro-batch's scoring from 4.19 to 3.24 s (H100, 2026-12-07),
+# ~7.6 s of a G = 24 step, for 16 s of compiling. Not in the krea preset: theta_old's merged copy of a 14B base is
+# 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, compile_train=True,

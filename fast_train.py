@@ -20,9 +20,9 @@ compile_train         theta's forward/backward (and theta_ref's no-grad forward)
                       levers alone, train.py's warm step 114.6 s against 125.2 (H100, 2026-12-06): in the presets
 compile_rewards       each Qwen2-VL reward model's ViT attention one SDPA call over all images (batched_vision_attention)
                       and its ViT blocks and language-model layers through one compiled function (LAYER_CALLS), which
-                      fuses the norms, RoPE and SwiGLU around the matmuls. Off in the presets: the earlier form (the
-                      language model compiled whole, dynamic) took HPSv3's micro-batch from 3.95 to 3.74 s in the step
-                      (H100, 2026-12-06); this one is not yet timed on a GPU
+                      fuses the norms, RoPE and SwiGLU around the matmuls. HPSv3 alone (H100, 2026-12-07): a
+                      micro-batch's scoring 4.19 -> 3.24 s, 16 s of compiling. Off in the presets until measured in
+                      the step (bench/README.md)
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
 import functools
@@ -85,9 +85,10 @@ def _layer_call(layer, *args, **kwargs):
 
 # compile_rewards: one compiled function for every layer of a reward model, the layer an argument (its weights graph
 # inputs), so each layer shape has one graph: the 28 decoder layers share it, where Module.compile of each layer keyed
-# dynamo's cache on the code object all modules share and filled the recompile limit at the first new shape. A
-# second prompt length makes the sequence dimension dynamic (dynamo's automatic dynamic shapes): no more graphs for
-# any prompt after that. layer.forward skips the layers' hooks: transformers' output-capturing hooks, which record
+# dynamo's cache on the code object all modules share and filled the recompile limit at the first new shape. Shapes
+# that change between calls become dynamic (dynamo's automatic dynamic shapes): the decoder layers' graph comes out
+# dynamic in the prompt length, as the function saw the ViT blocks' other shapes first (or at a second prompt
+# length), and no prompt compiles again. layer.forward skips the layers' hooks: transformers' output-capturing hooks, which record
 # only when hidden states or attentions are asked for, never in scoring.
 LAYER_CALLS = weakref.WeakKeyDictionary()  # QwenReward -> its compiled _layer_call, made once (as BLOCK_CALLS)
 
