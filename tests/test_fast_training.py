@@ -230,10 +230,10 @@ def test_compiled_fast_paths_equal_eager_and_compile_once(wan, monkeypatch):
 def test_compiled_reward_models_score_as_eager_and_stop_compiling_after_a_second_prompt_length(monkeypatch):
     """compile_rewards: HPSv3's and VideoAlign's ViT attention batched over images, their ViT blocks and decoder
     layers through one compiled function each (dynamo's eager backend), give the eager scores (transformers' own
-    per-image attention) on fresh frames. The layers of a model share their graphs (fewer graphs than layers); a
-    second prompt length makes the lengths dynamic, after which prompts of other token counts and another batch
-    compile nothing (a graph per length would compile at nearly every step), under the recompile limit train.py
-    sets; switching off restores transformers' modules."""
+    per-image attention) on fresh frames. The layers of a model share their graphs (fewer graphs than layers), which
+    dynamo makes dynamic in what changed between calls (at the latest a second prompt length), so that after three
+    calls a prompt of another token count and another batch compile nothing (a graph per length would compile at
+    nearly every step), under the recompile limit train.py sets; switching off restores transformers' modules."""
     hps, va, fns = qwen_rewards(5)
     reward = rewards.CompositeReward(["hpsv3", "va_mq", "va_ta"], [1.0, 0.5, 2.0], fns, [hps, va, va])
     frames = video(3, 5, 64, 96, seed=8) ** torch.linspace(0.4, 2.5, 3)[:, None, None, None, None]  # unlike clips
