@@ -84,12 +84,13 @@ def _layer_call(layer, *args, **kwargs):
 
 
 # compile_rewards: one compiled function for every layer of a reward model, the layer an argument (its weights graph
-# inputs), so each layer shape has one graph: the 28 decoder layers share it, where Module.compile of each layer keyed
-# dynamo's cache on the code object all modules share and filled the recompile limit at the first new shape. Shapes
-# that change between calls become dynamic (dynamo's automatic dynamic shapes): the decoder layers' graph comes out
-# dynamic in the prompt length, as the function saw the ViT blocks' other shapes first (or at a second prompt
-# length), and no prompt compiles again. layer.forward skips the layers' hooks: transformers' output-capturing hooks, which record
-# only when hidden states or attentions are asked for, never in scoring.
+# inputs): layers of one shape share a graph (HPSv3's 32 ViT blocks and 28 decoder layers: 2 graphs on the GPU), in a
+# dynamo cache of its own, where Module.compile of each layer would count against the recompile limit of the code
+# object every module shares (Module._call_impl). Shapes that change between calls become dynamic (dynamo's automatic
+# dynamic shapes): the decoder layers' graph comes out dynamic in the prompt length, as the function saw the ViT
+# blocks' other shapes first (or at a second prompt length), and no prompt compiles again. layer.forward skips the
+# layers' hooks: transformers' output-capturing hooks, which record only when hidden states or attentions are asked
+# for, never in scoring.
 LAYER_CALLS = weakref.WeakKeyDictionary()  # QwenReward -> its compiled _layer_call, made once (as BLOCK_CALLS)
 
 
