@@ -7,9 +7,9 @@ random weights (timing needs no trained weights), bf16.
     python -m bench generate --part=breakdown|e2e|user   # only the in-process rows (e2e: without profiles and
                                     # evaluate's rows), or only sample.py's
     python -m bench group           # G=8 clips of 12 frames after 18 history frames vs 8 independent rollouts
-    python -m bench train [--preset=longlive] [--rows=s:G,...] [--levers=a,b,...] [--flops=0]
+    python -m bench train [--preset=longlive] [--rows=s:G,...] [--levers=a,b,...] [--flops=0] [--compare=0]
                                     # one RL step at G = 24 (paper settings): eager vs fast (errors), counted
-                                    # FLOPs, time and memory per phase
+                                    # FLOPs, time and memory per phase; --compare=0: the fast steps only
     python -m bench scaling         # torchrun on 1, 2, 4 GPUs: candidates per second
     torchrun --nproc_per_node 2 -m bench fsdp   # FSDP2 whole-model vs per-block units; 14B LoRA / full
     python -m bench generate --tiny # any of them on the tiny model (a CPU smoke test)

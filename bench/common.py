@@ -27,6 +27,8 @@ class Args:
     levers: str = ",".join(k for k in STEP_LEVERS if PRESETS["self_forcing"].get(k))  # train: the fast step's levers
     #                             (default: the presets')
     flops: bool = True          # train: count the FLOPs per phase
+    compare: bool = True        # train: the first run's eager reference step and the halves' errors (off: only the
+    #                             fast steps, so that longlive's G = 24 row, cold then warm, fits a 10-minute call)
     profile: bool = False       # train: then the first run's fast step warm under the profiler, phase by phase
     check_scaling: bool = False  # train: count each later run's eager twin too, against the scaled FLOPs
     each_lever: bool = False    # train: then the first run's step with every lever off, each lever alone and, with

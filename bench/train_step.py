@@ -3,7 +3,7 @@ against the fast one (fast_train.py), FLOPs counted per phase, time, achieved TF
 
 For the first run (s, g) of --rows, at the same seed and inputs (weights, optimizer, controller and RNG restored in
 between; LoRA adapters random and nonzero, theta_old != theta):
-  1. eager    every lever off: the reference step (warm-up)
+  1. eager    every lever off: the reference step (warm-up); not with --compare=0, nor 3
   2. fast     the levers of --levers, compiled: its first step compiles (warm-up); --levers= times the eager step
   3. halves   each half of the step apart, fast against eager (compare_halves): the rollout half's clips and rewards,
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
@@ -182,12 +182,14 @@ def bench_train(args):
 
     # the first run's (s, g): the comparisons and the count, at the same seed and inputs (restored between the steps)
     (s0, g0), state = runs[0], snapshot(ctx)
-    ref, _, _ = step(1, s0, g0, (), False, label="eager reference (first step: warm-up)")
-    rows += phase_rows(args.preset, ref, s0, g0, "eager, every lever off (warm-up)")
-    restore(ctx, state)
+    if args.compare:
+        ref, _, _ = step(1, s0, g0, (), False, label="eager reference (first step: warm-up)")
+        rows += phase_rows(args.preset, ref, s0, g0, "eager, every lever off (warm-up)")
+        restore(ctx, state)
     step(1, s0, g0, fast, compiled, label="fast (compiles: warm-up)")
-    errors.append(compare_halves(ctx, cfg, state, s0, g0, fast, compiled, "fast"))
-    print(f"halves compared; {time.perf_counter() - t_start:.0f}s since start", flush=True)
+    if args.compare:
+        errors.append(compare_halves(ctx, cfg, state, s0, g0, fast, compiled, "fast"))
+        print(f"halves compared; {time.perf_counter() - t_start:.0f}s since start", flush=True)
     if args.flops:
         restore(ctx, state)
         _, flops, calls = step(1, s0, g0, fast, False, count=True, label="fast, eager twin, counted")
@@ -208,7 +210,7 @@ def bench_train(args):
     if args.each_lever:
         rows += lever_table(args.preset, step, ctx, state, s0, g0, fast, compiled)
     restore(ctx, state)
-    del state, ref
+    del state
     # the later runs first (the first of them always runs), the first run's warm fast step last, each if time allows
     for k, (s, g) in enumerate(runs[1:] + runs[:1], 2):
         if last is not None:
@@ -222,10 +224,11 @@ def bench_train(args):
         if args.check_scaling and counted_at and k <= len(runs):
             _, flops, _ = step(k, s, g, fast, False, count=True, label="fast, eager twin, counted (scaling check)")
             checks += counting.check_scaling(counted_at, s, g, flops)
-    print("\neach half of the fast step against the eager one (same seed, inputs and weights; relative errors): the "
-          "rollout half's clips and rewards, the update half's loss and theta's gradients on the eager half's "
-          "rollouts and rewards (compare_halves says why not whole steps):")
-    show(errors)
+    if errors:  # none with --compare=0
+        print("\neach half of the fast step against the eager one (same seed, inputs and weights; relative errors): "
+              "the rollout half's clips and rewards, the update half's loss and theta's gradients on the eager half's "
+              "rollouts and rewards (compare_halves says why not whole steps):")
+        show(errors)
     if len(peak) > 1 and min(peak.values()) > 0:
         print(f"peak memory of the fast step by G: {peak} GB (max / min {max(peak.values()) / min(peak.values()):.3f})")
     print(counting.SCALING)

@@ -321,6 +321,28 @@ def test_bench_train_runs_the_comparison_and_the_scaled_count_on_the_tiny_models
     assert len(rows) == 1 and rows[0]["tflop"] > 0
 
 
+def test_bench_train_without_the_comparison_times_the_fast_step_from_the_first_runs_state(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """--compare=0 (a row too long for one device call with the eager step and the halves beside it): no eager step
+    and no halves run, and the timed warm step starts from the state its warm-up started from: the same loss and
+    gradient norm, to the bit, on the CPU."""
+    import json
+    import re
+    import bench.train_step as bench_train_step
+    from bench.common import Args
+    monkeypatch.setattr(bench_train_step, "OUT_DIR", str(tmp_path))
+    bench_train_step.bench_train(Args(tiny=True, rows="6:2", levers="merged_rollouts,checkpoint_attention",
+                                      flops=False, compare=False, compile=False))
+    out = capsys.readouterr().out
+    assert "eager reference" not in out and "halves compared" not in out and "each half" not in out, out
+    steps = re.findall(r"^(fast[^,]*(?:, warm \(the first run again\))?), history 6, G 2: .* loss (\S+), grad norm "
+                       r"(\S+),", out, re.M)
+    assert [s[0] for s in steps] == ["fast (compiles: warm-up)", "fast, warm (the first run again)"], out
+    assert steps[0][1:] == steps[1][1:] and float(steps[0][2]) > 0, steps
+    saved = json.load(open(tmp_path / "train_self_forcing_partial.json"))
+    assert saved["errors"] == [] and {r["variant"] for r in saved["rows"]} == {"fast"}, saved
+
+
 def test_bench_splits_flops_and_kernels_by_family_as_a_hand_table():
     """bench train --profile divides each phase's counted FLOPs by its GPU time per kernel family: FlopCount's split
     against a hand count (a linear forward and backward, a convolution), and kernel names as profiles show them
