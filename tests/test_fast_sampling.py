@@ -37,7 +37,7 @@ def test_dry_run_hand_table():
 
 
 @pytest.mark.parametrize("args", [
-    ["--frames", "12"],                                                  # no eviction
+    ["--frames", "12"],                                                  # no eviction (and the control below)
     ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b|c", "--switch", "6,27"],  # evicts, re-caches
     ["--frames", "36", "--sink_frames", "3", "--window_frames", "6", "--prompt", "a|b", "--switch", "20", "--global_sink", "0"],
     # a late switch alone: with the sink kept it re-caches the window only (6 frames), a reach no block call meets
@@ -45,7 +45,9 @@ def test_dry_run_hand_table():
 ])
 def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, capsys, args):
     """dynamo's eager backend on the CPU: the same tracing, guards and recompilations as on the GPU, no codegen.
-    Fails if the dry run misses a shape, a cache slot, a re-cache reach or a decoder chunk layout."""
+    Fails if the dry run misses a shape, a cache slot, a re-cache reach or a decoder chunk layout. The control (a
+    warm-up one block short compiles inside the video: the count can see a miss) runs with the first case only: it
+    tests the count, which is the same in every case (it was half of the other cases' time)."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     torch._dynamo.reset()
     prompts = tmp_path / "p.txt"
@@ -57,7 +59,8 @@ def test_warm_up_leaves_nothing_to_compile_in_the_video(tmp_path, monkeypatch, c
     assert during_video(out) == [0, 0], out
     names = sorted(p.name for p in (tmp_path / "v").iterdir())  # the warm-up's throw-away mp4 is not among them
     assert len(names) == 2 and all(re.fullmatch(r"00[01]-[a-z0-9-]+\.mp4", n) for n in names), names
-    # the control: a warm-up one block short compiles inside the video
+    if args != ["--frames", "12"]:
+        return
     monkeypatch.setattr(sample, "dry_run", lambda f, s, *a, **k: (3, [x for x in s if x < 3]))
     torch._dynamo.reset()
     out = run_sample(["--prompts", str(prompts), "--out", str(tmp_path / "w"), "--fast", "2", "--device", "cpu",
