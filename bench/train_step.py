@@ -3,7 +3,7 @@ against the fast one (fast_train.py), FLOPs counted per phase, time, achieved TF
 
 For the first run (s, g) of --rows, at the same seed and inputs (weights, optimizer, controller and RNG restored in
 between; LoRA adapters random and nonzero, theta_old != theta):
-  1. eager    every lever off: the reference step (warm-up); not with --compare=0, nor 3
+  1. eager    every lever off: the reference step (warm-up); --compare=0 runs neither this nor 3
   2. fast     the levers of --levers, compiled: its first step compiles (warm-up); --levers= times the eager step
   3. halves   each half of the step apart, fast against eager (compare_halves): the rollout half's clips and rewards,
               then the update half's loss and gradients on the same rollouts and rewards; errors printed
