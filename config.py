@@ -86,21 +86,21 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
               save_every=50, reward="hpsv3:1,videoalign_mq:1,videoalign_ta:1", hpsv3="checkpoints/HPSv3.safetensors",
               videoalign="checkpoints/VideoReward", model="checkpoints/Wan2.1-T2V-1.3B-Diffusers",
               prompts="prompts/vidprom.txt")
-# The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"; H100, 2026-12-06): with
-# all five a G = 24 step took 151.3 s (peak 45.2 GB, fp32 adapters), without compile_train 162.0 s, with the first
-# three 178.6 s, the eager step 209.6 s (2026-11-22). Alone at G = 3 merged_rollouts saved 5.5 s of 32.0,
-# checkpoint_attention 1.0 s, train_attention nothing measurable (kept as the G = 24 rows were measured with it; the
-# all-but rows are not measured). fast_decode took train.py's warm G = 24 decode from 27.0 to 11.3 s, once its state
-# stopped holding the compiled convs' buffers (vae.own_storage). compile_train (each training block compiled whole,
-# checkpoint_attention's policy inside) took the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from
-# 125.2 to 114.6 s (offline reward), for ~57 s more compiling in a process's first step. compile_rewards stays off
-# until measured in the step: on HPSv3 alone it took a micro-batch's scoring from 4.19 to 3.24 s (H100, 2026-12-07),
-# ~7.6 s of a G = 24 step, for 16 s of compiling. Not in the krea preset: theta_old's merged copy of a 14B base is
-# 28 GB more, and nothing was measured at 14B.
+# The fast paths of the 1.3B presets (bench/README.md, "One RL step at the paper's scale"): with all six a G = 24
+# step took 130.7 s on an H200 (peak 45.2 GB; 2026-12-07), with the first five 134.9 s (2026-12-06), the eager step
+# 201.6 s (2026-12-04). On an H100 (2026-12-06): five 151.3 s, without compile_train 162.0 s, the first three 178.6 s.
+# Alone at G = 3 merged_rollouts saved 5.5 s of 32.0, checkpoint_attention 1.0 s, train_attention nothing measurable
+# (kept as the G = 24 rows were measured with it; the all-but rows are not measured). fast_decode took train.py's
+# warm G = 24 decode from 27.0 to 11.3 s, once its state stopped holding the compiled convs' buffers
+# (vae.own_storage). compile_train (each training block compiled whole, checkpoint_attention's policy inside) took
+# the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from 125.2 to 114.6 s (offline reward), for
+# ~57 s more compiling in a process's first step. compile_rewards took the G = 24 step's HPSv3 phase from 29.0 to
+# 24.0 s on an H200, and train.py (real-size HPSv3) ran it cold and warm. Not in the krea preset: theta_old's merged
+# copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, compile_train=True,
-                  checkpoint_attention=True)
+                  checkpoint_attention=True, compile_rewards=True)
 PRESETS = {
     "tiny": {},
     "self_forcing": dict(_PAPER, **_FAST_STEP, checkpoint="checkpoints/self_forcing_dmd.pt", checkpoint_key="generator_ema",

@@ -20,9 +20,8 @@ compile_train         theta's forward/backward (and theta_ref's no-grad forward)
                       levers alone, train.py's warm step 114.6 s against 125.2 (H100, 2026-12-06): in the presets
 compile_rewards       each Qwen2-VL reward model's ViT attention one SDPA call over all images (batched_vision_attention)
                       and its ViT blocks and language-model layers through one compiled function (LAYER_CALLS), which
-                      fuses the norms, RoPE and SwiGLU around the matmuls. HPSv3 alone (H100, 2026-12-07): a
-                      micro-batch's scoring 4.19 -> 3.24 s, 16 s of compiling. Off in the presets until measured in
-                      the step (bench/README.md)
+                      fuses the norms, RoPE and SwiGLU around the matmuls. In the G = 24 step HPSv3 took 24.0 s
+                      against 29.0 (H200, 2026-12-07): in the presets
 checkpoint_attention  with gradient_checkpointing: keep each block's self-attention output (keep_self_attention)
 """
 import functools

@@ -440,7 +440,7 @@ def test_the_1_3b_presets_switch_on_the_measured_levers_and_the_default_keeps_th
     names = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
              "compile_rewards")
     table = {p: [getattr(config.parse_config([f"--preset={p}"]), k) for k in names] for p in config.PRESETS}
-    on = [True, True, True, True, True, False]
+    on = [True] * 6
     assert table == {"tiny": [False] * 6, "self_forcing": on, "causal_forcing": on, "longlive": on,
                      "krea": [False] * 6}
     for p in config.PRESETS:  # each preset's levers pass the config check
