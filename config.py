@@ -95,8 +95,9 @@ _PAPER = dict(height=None, width=None, gamma=0.9, window_frames=21, clip_frames=
 # (vae.own_storage). compile_train (each training block compiled whole, checkpoint_attention's policy inside) took
 # the G = 24 training phase from 65.8 to 54.2 s, train.py's warm step from 125.2 to 114.6 s (offline reward), for
 # ~57 s more compiling in a process's first step. compile_rewards took the G = 24 step's HPSv3 phase from 29.0 to
-# 24.0 s on an H200, and train.py (real-size HPSv3) ran it cold and warm. Not in the krea preset: theta_old's merged
-# copy of a 14B base is 28 GB more, and nothing was measured at 14B.
+# 24.0 s on an H200; train.py with it (real-size HPSv3, H100, 2026-12-07): warm step 126.4 s against the bench's
+# 130.1 s, each phase within 5%, its first step 278.6 s on empty compile caches. Not in the krea preset: theta_old's
+# merged copy of a 14B base is 28 GB more, and nothing was measured at 14B.
 STEP_LEVERS = ("merged_rollouts", "fast_decode", "train_attention", "compile_train", "checkpoint_attention",
                "compile_rewards")
 _FAST_STEP = dict(merged_rollouts=True, fast_decode=True, train_attention=True, compile_train=True,
